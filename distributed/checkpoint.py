@@ -1,0 +1,112 @@
+"""Checkpoints of a run: DeepSpeed engine shards + per-rank trainer state + a manifest written last.
+
+Layout under RUN_DIR/checkpoints/:
+
+    step_00000100/               one checkpoint ("tag")
+        <DeepSpeed files>        model, optimizer (ZeRO shards), lr scheduler
+        trainer_rank{r}.pt       step, tokens seen, RNG states of rank r
+        config.yaml              the run's resolved config (so `export` needs only this folder)
+        manifest.json            every file's size and sha256, world size; written after all ranks saved
+    LATEST                       the newest complete tag; replaced atomically after its manifest
+
+A checkpoint without a manifest, or whose files disagree with it, is never loaded: `validate` names
+the problem and the coordinator checks it before any worker starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(ckpt_dir: Path) -> int:
+    return int(Path(ckpt_dir).name.removeprefix("step_"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_manifest(ckpt_dir: Path, *, step: int, world_size: int, zero_stage: int) -> None:
+    """Seal a checkpoint all ranks have finished writing, then point LATEST at it (rank 0 only)."""
+    files = {
+        str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(ckpt_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    _write_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
+    _write_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)
+
+
+def validate(ckpt_dir: Path) -> dict:
+    """Return the manifest of a complete, intact checkpoint; raise CheckpointError naming what is wrong."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
+    try:
+        manifest = json.loads((ckpt_dir / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: no {MANIFEST} (the save did not finish)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: unreadable {MANIFEST} ({e})") from None
+    for name, meta in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: missing file {name}")
+        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} does not match its manifest checksum")
+    return manifest
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    """The newest sealed checkpoint folder under ckpt_root, or None if there is none."""
+    pointer = Path(ckpt_root) / LATEST
+    if not pointer.is_file():
+        return None
+    return Path(ckpt_root) / pointer.read_text().strip()
+
+
+def resolve(path: Path) -> Path:
+    """A run directory, a checkpoints folder or one checkpoint → the checkpoint folder to load."""
+    path = Path(path)
+    for root in (path / "checkpoints", path):
+        found = latest(root)
+        if found is not None:
+            return found
+    if (path / MANIFEST).is_file() or any(path.glob("trainer_rank*.pt")):
+        return path
+    raise CheckpointError(f"no checkpoint found at {path} (expected a run directory, its checkpoints/ or a step_* folder)")
+
+
+def prune(ckpt_root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` sealed checkpoints (never the one LATEST names)."""
+    sealed = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / MANIFEST).is_file())
+    newest = latest(ckpt_root)
+    for old in sealed[:-keep]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)

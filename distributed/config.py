@@ -1,0 +1,143 @@
+"""The typed configuration of a pretraining run.
+
+Each layer owns its own section (`models.data.DataConfig`, `optim.OptimizerConfig`, ...); this module
+composes them and checks the combinations no single section can see (batch divisibility, precision
+on the device, ...). `launcher.config` turns YAML and `--set` overrides into this dataclass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.data import DataConfig
+from models.llama import LLAMA_CONFIGS
+from optim import OptimizerConfig, ScheduleConfig
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "tiny"
+    """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward (saves memory, costs ~30% more compute)."""
+
+    def __post_init__(self):
+        if self.name not in LLAMA_CONFIGS:
+            raise ValueError(f"name must be one of {sorted(LLAMA_CONFIGS)}, got {self.name!r}")
+
+
+@dataclass(kw_only=True)
+class BatchConfig:
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all workers; fixed when the worker count changes."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one worker; gradient accumulation makes up the rest."""
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be ≥ 1, got {self.micro_batch_size}")
+        if self.global_batch_size < self.micro_batch_size:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) must be ≥ micro_batch_size ({self.micro_batch_size})")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    precision: str = "fp32"
+    """"fp32" or "bf16" (bf16 weights and activations, fp32 master weights in the optimizer)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be ≥ 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class WorkersConfig:
+    num_workers: int = 2
+    """Data-parallel workers (Ray actors), one process each."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; otherwise CPU and gloo."""
+    cpus_per_worker: int = 1
+    """CPU cores reserved for (and torch threads used by) each worker."""
+    max_restarts: int = 2
+    """How often a worker group that lost a worker is restarted from the last checkpoint."""
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be ≥ 1, got {self.num_workers}")
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker must be ≥ 1, got {self.cpus_per_worker}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be ≥ 0, got {self.max_restarts}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    seed: int = 0
+    """Seeds model initialization (data order is seeded by data.seed)."""
+    log_interval: int = 1
+    """Steps between metrics records (each costs one all-reduce and one host sync)."""
+    eval_interval: int = 50
+    """Steps between validation passes (and at the last step)."""
+    eval_samples: int = 64
+    """Validation sequences per pass (the first ones of the held-out split)."""
+    checkpoint_interval: int = 100
+    """Steps between checkpoints (and at the last step)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""
+
+    def __post_init__(self):
+        for name in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        per_step = self.batch.micro_batch_size * self.workers.num_workers
+        if self.batch.global_batch_size % per_step:
+            raise ValueError(
+                f"batch.global_batch_size ({self.batch.global_batch_size}) must be a multiple of "
+                f"batch.micro_batch_size × workers.num_workers ({per_step})"
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch.global_batch_size // (self.batch.micro_batch_size * self.workers.num_workers)
+
+
+def config_to_dict(cfg) -> dict:
+    """A resolved config as plain YAML-able data (tuples become lists)."""
+    import dataclasses
+
+    def plain(v):
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, path) -> None:
+    import yaml
+    from pathlib import Path
+
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,132 @@
+"""The coordinator: the Ray driver's plan for a pretraining run.
+
+It checks everything it can before any worker starts (run directory, checkpoint to resume, corpus),
+starts a group of `TrainWorker` actors, and restarts the whole group from the last sealed checkpoint
+when a worker process dies (up to workers.max_restarts times). A Python exception inside a worker is
+not retried: it would happen again; it is raised here with the worker's traceback.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+
+from distributed import checkpoint
+from distributed.config import TrainConfig, save_config
+from distributed.metrics import plot_losses, truncate_metrics
+from distributed.worker import TrainWorker
+from models.data import prepare_tokens
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (it would overwrite or lose saved work)."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker process died; the group must be restarted."""
+
+
+class WorkerGroup:
+    """num_workers actors, one rank each, started together and killed together."""
+
+    def __init__(self, cfg: TrainConfig, *, local: bool):
+        w = cfg.workers
+        env = {"DS_ACCELERATOR": "cuda" if w.use_gpu else "cpu"}
+        if local:
+            env["GLOO_SOCKET_IFNAME"] = "lo"  # a local runtime keeps all traffic on loopback
+        self.local = local
+        self.workers = [
+            TrainWorker.options(
+                num_cpus=w.cpus_per_worker, num_gpus=1 if w.use_gpu else 0, runtime_env={"env_vars": env}, max_restarts=0
+            ).remote(rank, w.num_workers, w.use_gpu, w.cpus_per_worker)
+            for rank in range(w.num_workers)
+        ]
+
+    def pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.workers])
+
+    def run(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> dict:
+        master = ray.get(self.workers[0].rendezvous_address.remote(self.local))
+        refs = [w.run.remote(cfg, str(run_dir), master, resume_from and str(resume_from)) for w in self.workers]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])  # raises at once if this worker failed; peers would hang in collectives
+            except RayActorError as e:
+                raise WorkerLost(str(e).splitlines()[0]) from e
+        return ray.get(refs[0])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+
+
+class Coordinator:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, resume: bool = False, local: bool = True):
+        self.cfg, self.run_dir, self.resume, self.local = cfg, Path(run_dir), resume, local
+        self.ckpt_root = self.run_dir / "checkpoints"
+
+    def check(self) -> Path | None:
+        """Everything that can fail before workers start; returns the checkpoint to resume from."""
+        resume_from = None
+        if self.resume:
+            resume_from = checkpoint.latest(self.ckpt_root)
+            if resume_from is None:
+                raise RunDirError(f"--resume: no checkpoint in {self.ckpt_root}")
+            self.check_checkpoint(resume_from)
+        elif self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
+            raise RunDirError(f"run directory {self.run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+        prepare_tokens(self.cfg.data)  # corpus and tokenizer problems surface here, and workers hit the cache
+        return resume_from
+
+    def check_checkpoint(self, ckpt: Path) -> None:
+        manifest = checkpoint.validate(ckpt)
+        if manifest["world_size"] != self.cfg.workers.num_workers and manifest["zero_stage"] > 0:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {ckpt} was written by {manifest['world_size']} workers with ZeRO stage "
+                f"{manifest['zero_stage']}; resuming it needs workers.num_workers={manifest['world_size']} "
+                f"(ZeRO optimizer shards are not resharded)"
+            )
+        if manifest["zero_stage"] != self.cfg.engine.zero_stage:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {ckpt} was written with ZeRO stage {manifest['zero_stage']}, this run uses "
+                f"engine.zero_stage={self.cfg.engine.zero_stage}"
+            )
+
+    def run(self) -> dict:
+        resume_from = self.check()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        for attempt in range(self.cfg.workers.max_restarts + 1):
+            # records after the checkpoint we start from will be written again
+            truncate_metrics(self.run_dir, checkpoint.step_of(resume_from) if resume_from else 0)
+            self.remove_unsealed_checkpoints()
+            group = WorkerGroup(self.cfg, local=self.local)
+            try:
+                (self.run_dir / "workers.json").write_text(json.dumps({"attempt": attempt, "pids": group.pids()}))
+                summary = group.run(self.cfg, self.run_dir, resume_from)
+                break
+            except WorkerLost as e:
+                if attempt == self.cfg.workers.max_restarts:
+                    raise
+                resume_from = checkpoint.latest(self.ckpt_root)
+                if resume_from is not None:
+                    self.check_checkpoint(resume_from)
+                print(f"[curvtrain] worker lost ({e}); restarting from {resume_from or 'the start'} "
+                      f"(restart {attempt + 1} of {self.cfg.workers.max_restarts})", flush=True)
+            finally:
+                group.shutdown()
+        summary["run_dir"] = str(self.run_dir)
+        summary["plot"] = str(plot_losses(self.run_dir))
+        summary["checkpoint"] = str(checkpoint.latest(self.ckpt_root))
+        return summary
+
+    def remove_unsealed_checkpoints(self) -> None:
+        """A save interrupted by a crash leaves a step_* folder without manifest: it holds nothing usable."""
+        for folder in self.ckpt_root.glob("step_*"):
+            if not (folder / checkpoint.MANIFEST).is_file():
+                shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,42 @@
+"""A checkpoint (any ZeRO stage, fp32 or bf16) → one full fp32 state dict → a Hugging Face folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distributed import checkpoint
+from distributed.config import TrainConfig
+
+
+def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a sealed checkpoint folder, gathered from ZeRO shards where there are any."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = checkpoint.validate(ckpt_dir)
+    if manifest["zero_stage"] == 0 and not any(ckpt_dir.glob("*optim_states.pt")):
+        module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+
+
+def export_checkpoint(ckpt_dir: Path, cfg: TrainConfig, out_dir: Path) -> Path:
+    """Write model.safetensors + config.json + tokenizer files that `LlamaForCausalLM.from_pretrained` reads."""
+    from models.hf import export_hf
+    from models.llama import llama_config
+    from models.tokenizer import Tokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"export target {out_dir} exists and is not empty")
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    export_hf(
+        consolidated_state_dict(ckpt_dir),
+        llama_config(cfg.model.name),
+        out_dir,
+        tokenizer_model=tokenizer.model_path,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+    return out_dir

@@ -1,0 +1,95 @@
+"""The one choice point from an optimizer config to an implementation.
+
+`build_optimizer(cfg, named_parameters)` returns a plain `torch.optim.Optimizer` over local tensors;
+`distributed/` decides where it runs and wraps it (DeepSpeed engine, block ownership).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+
+NamedParams = Iterable[tuple[str, nn.Parameter]]
+
+
+@dataclass(kw_only=True)
+class LowRankConfig:
+    """Low-rank gradient projection (GaLore family); used by `gradnorm_lorp`."""
+
+    rank: int = 128
+    """Projection rank r (GaLore: 128 for 60M, 256 for 130M/350M, 512-1024 for 1B, 1024 for 7B)."""
+    update_gap: int = 200
+    """T: steps between refreshes of the projection basis (GaLore default 200)."""
+    scale: float = 0.25
+    """α: scale of the back-projected update (GaLore default 0.25)."""
+    proj_side: str = "auto"
+    """"auto" (right basis if m ≥ n, else left), "left" or "right"."""
+    power_iters: int = 1
+    """Power iterations of the randomized range finder at each refresh."""
+    targets: str = r"(self_attn|mlp)\.\w+_proj\.weight$"
+    """Regular expression on parameter names selecting the projected 2-D weights."""
+    eight_bit: bool = False
+    """Hold the low-rank Adam moments in blockwise 8-bit."""
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
+        if self.update_gap < 1:
+            raise ValueError(f"update_gap must be ≥ 1, got {self.update_gap}")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if self.proj_side not in ("auto", "left", "right"):
+            raise ValueError(f"proj_side must be 'auto', 'left' or 'right', got {self.proj_side!r}")
+        if self.power_iters < 0:
+            raise ValueError(f"power_iters must be ≥ 0, got {self.power_iters}")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: str = "adamw"
+    """Registry key: one of OPTIMIZERS."""
+    lr: float = 1e-3
+    """Peak learning rate (the schedule multiplies it)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to 2-D weights only (not norms)."""
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"name must be one of {sorted(OPTIMIZERS)}, got {self.name!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
+
+
+def decay_groups(named_params: NamedParams, weight_decay: float) -> list[dict]:
+    """Two groups: matrices get weight decay, vectors (norm gains) do not (nanoGPT's rule)."""
+    params = [(n, p) for n, p in named_params if p.requires_grad]
+    return [
+        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019): the baseline."""
+    return torch.optim.AdamW(decay_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+OPTIMIZERS: dict[str, Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]] = {
+    "adamw": build_adamw,
+}
+
+
+def build_optimizer(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](cfg, named_params)
