@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +27,37 @@ def ray_runtime():
     connect(None, num_cpus_needed=2)
     yield
     ray.shutdown()
+
+
+CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+def tiny(*overrides: str):
+    """The test recipe (configs/tiny.yaml) with `--set`-style overrides."""
+    from distributed.config import TrainConfig
+    from launcher.config import load_config
+
+    return load_config(TrainConfig, CONFIG, list(overrides))
+
+
+def losses(run_dir: Path) -> list[float]:
+    from distributed.metrics import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="session")
+def runs(ray_runtime, tmp_path_factory):
+    """runs(*overrides) → the run directory of a finished tiny run of that configuration (each run once)."""
+    from distributed.coordinator import Coordinator
+
+    done: dict[tuple, Path] = {}
+
+    def get(*overrides: str) -> Path:
+        if overrides not in done:
+            run_dir = tmp_path_factory.mktemp("run")
+            Coordinator(tiny(*overrides), run_dir).run()
+            done[overrides] = run_dir
+        return done[overrides]
+
+    return get

@@ -1,6 +1,6 @@
 """`pretrain` end to end on a local Ray runtime: 2 gloo worker processes running real DeepSpeed engines
-on the tiny LLaMA and the Wikipedia sample. Runs are cached per configuration within the module, so
-each test compares against runs other tests also use."""
+on the tiny LLaMA and the Wikipedia sample. Runs are cached per configuration for the session
+(conftest `runs`), so each test compares against runs other tests also use."""
 from __future__ import annotations
 
 import json
@@ -13,37 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import losses, tiny
 from distributed import checkpoint
-from distributed.config import TrainConfig
 from distributed.coordinator import Coordinator
 from distributed.metrics import read_metrics
-from launcher.config import load_config
 
 pytestmark = pytest.mark.slow
-CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
-
-
-def tiny(*overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, CONFIG, list(overrides))
-
-
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
-
-
-@pytest.fixture(scope="module")
-def runs(ray_runtime, tmp_path_factory):
-    """runs(*overrides) → run directory of a finished run of that configuration (each run once)."""
-    done: dict[tuple, Path] = {}
-
-    def get(*overrides: str) -> Path:
-        if overrides not in done:
-            run_dir = tmp_path_factory.mktemp("run")
-            Coordinator(tiny(*overrides), run_dir).run()
-            done[overrides] = run_dir
-        return done[overrides]
-
-    return get
 
 
 TWO_WORKERS = {stage: (f"engine.zero_stage={stage}",) for stage in (0, 1, 2, 3)}

@@ -1,0 +1,250 @@
+"""Training data: a corpus tokenized once into a cached token file, and a deterministic sampling rule.
+
+The token file `<cache_dir>/<key>/tokens.bin` holds uint16 tokens, every document followed by EOS (no BOS:
+EOS alone separates documents), beside `meta.json`; key = hash(format version, corpus fingerprint,
+tokenizer file sha256), so a changed corpus or tokenizer gets a fresh file.
+
+The stream of N tokens is split into a training region and, from its END, a validation region of
+floor(N * val_fraction) tokens; they share no token. Each region is cut into chunks of seq_len + 1 tokens
+with stride seq_len (L = seq_len):
+
+    tokens  |<------------------ train ------------------>|<-------- val -------->|
+    chunks  [0: t0..tL] [1: tL..t2L] [2: t2L..t3L] ...     [0] [1] [2] ...
+    chunk i: inputs = tokens[i*L : i*L+L], targets = tokens[i*L+1 : i*L+L+1]
+
+Neighbouring chunks share one boundary token, so every token but a region's first is a target exactly once.
+
+Training batches are a pure function of (step, micro_step, rank, world_size, micro_batch_size, grad_accum):
+the global batch G = micro_batch_size * grad_accum * world_size takes stream positions
+[step*G, (step+1)*G); micro-batch (micro_step, rank) takes the micro_batch_size positions starting at
+step*G + (micro_step*world_size + rank) * micro_batch_size; position p is training chunk perm_e[p mod n]
+of epoch e = p // n, perm_e a seeded permutation of the n training chunks. Hence a run resumed at a step sees
+exactly the batches of an uninterrupted one (no data state to checkpoint beyond the step), ranks see
+disjoint chunks, and 1 worker with grad_accum=2 sees the same global batch as 2 workers with grad_accum=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from models.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_documents
+from models.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+# Bump when the token file layout (dtype, document separators) changes, so caches are rebuilt.
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16
+# Documents per sentencepiece call: enough to keep every core busy, few enough to bound memory.
+ENCODE_BATCH_DOCS = 64
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What text to train on, how it is tokenized, and how the token stream is cut into samples."""
+
+    corpus: str = DEFAULT_CORPUS
+    """A built-in corpus (models.corpus.BUILTIN_CORPORA) or a path to .txt/.jsonl files."""
+    tokenizer: str = DEFAULT_TOKENIZER
+    """A built-in tokenizer (models.tokenizer.BUILTIN_TOKENIZERS) or a path to a SentencePiece .model file."""
+    seq_len: int = 128
+    """Tokens per training sample; each sample reads seq_len + 1 tokens (inputs and shifted targets)."""
+    val_fraction: float = 0.02
+    """Fraction of the token stream held out for validation, taken from its end."""
+    cache_dir: str = field(default_factory=lambda: os.environ.get("CURVTRAIN_CACHE", "~/.cache/curvtrain"))
+    """Where tokenized corpora are kept; the CURVTRAIN_CACHE environment variable sets the default."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle of training chunks."""
+
+    def __post_init__(self):
+        for name in ("corpus", "tokenizer", "cache_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"DataConfig.{name} must be a non-empty string")
+        if self.seq_len < 1:
+            raise ValueError(f"DataConfig.seq_len must be >= 1, got {self.seq_len}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.seed < 0:
+            raise ValueError(f"DataConfig.seed must be >= 0, got {self.seed}")
+
+
+# ---- tokenize once -------------------------------------------------------------------------------
+
+
+def prepare_tokens(cfg: DataConfig) -> Path:
+    """Tokenize cfg.corpus with cfg.tokenizer unless cached; return the directory holding tokens.bin and
+    meta.json. Raises ValueError when the corpus is too small for one training and one validation sample."""
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    out_dir = Path(cfg.cache_dir).expanduser() / _cache_key(cfg.corpus, tokenizer.model_path)
+    if not (out_dir / "meta.json").is_file():
+        _tokenize(cfg.corpus, tokenizer, out_dir)
+    num_tokens = json.loads((out_dir / "meta.json").read_text())["num_tokens"]
+    _split(num_tokens, cfg.seq_len, cfg.val_fraction, source=f"corpus {cfg.corpus!r}")
+    return out_dir
+
+
+def _cache_key(corpus: str, tokenizer_path: Path) -> str:
+    tokenizer_sha = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
+    payload = json.dumps([FORMAT_VERSION, corpus_fingerprint(corpus), tokenizer_sha]).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _tokenize(corpus: str, tokenizer: Tokenizer, out_dir: Path) -> None:
+    """Write tokens.bin, then meta.json, each under a temporary name moved into place when complete: a
+    present meta.json means a complete token file, whatever concurrent or failed runs did."""
+    if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the {TOKEN_DTYPE.__name__} token file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_tokens = num_docs = 0
+    with _atomic_file(out_dir / "tokens.bin") as f:
+        for docs in _batches(iter_documents(corpus), ENCODE_BATCH_DOCS):
+            for ids in tokenizer.encode_batch(docs):
+                ids.append(tokenizer.eos_id)
+                f.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+                num_tokens, num_docs = num_tokens + len(ids), num_docs + 1
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "num_tokens": num_tokens,
+        "num_docs": num_docs,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "corpus": corpus,
+        "tokenizer": str(tokenizer.model_path),
+    }
+    with _atomic_file(out_dir / "meta.json") as f:
+        f.write(json.dumps(meta, indent=2).encode())
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside `path`, open for binary writing: moved onto `path` when the block completes,
+    deleted when it raises."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+def _split(num_tokens: int, seq_len: int, val_fraction: float, source: str) -> tuple[int, int, int]:
+    """(first validation token, training chunks, validation chunks) of a stream of num_tokens tokens."""
+    val_start = num_tokens - int(num_tokens * val_fraction)
+    num_train, num_val = (val_start - 1) // seq_len, (num_tokens - val_start - 1) // seq_len
+    if num_train < 1 or num_val < 1:
+        raise ValueError(
+            f"{source} has {num_tokens} tokens: too few for one training and one validation sample of "
+            f"seq_len + 1 = {seq_len + 1} tokens with val_fraction={val_fraction} (the validation region "
+            f"holds {num_tokens - val_start} tokens); use a larger corpus, a shorter seq_len or a larger val_fraction"
+        )
+    return val_start, num_train, num_val
+
+
+# ---- deterministic sampling ----------------------------------------------------------------------
+
+
+class TokenData:
+    """Training and validation samples from a token file (the module docstring draws the layout)."""
+
+    def __init__(self, path: str | Path, seq_len: int, val_fraction: float, seed: int = 0):
+        """`path` is a tokens.bin file or the directory prepare_tokens returned."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokens.bin"
+        if not path.is_file():
+            raise FileNotFoundError(f"no token file at {path}: run prepare_tokens first")
+        if seq_len < 1 or not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"need seq_len >= 1 and 0 < val_fraction < 1, got {seq_len} and {val_fraction}")
+        self.tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+        self.seq_len, self.seed = seq_len, seed
+        split = _split(len(self.tokens), seq_len, val_fraction, source=str(path))
+        self._val_start, self._num_train, self._num_val = split
+        self._permutations: dict[int, np.ndarray] = {}  # epoch -> permutation, the latest two epochs
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> TokenData:
+        return cls(prepare_tokens(cfg), cfg.seq_len, cfg.val_fraction, cfg.seed)
+
+    @property
+    def num_train_samples(self) -> int:
+        return self._num_train
+
+    @property
+    def num_val_samples(self) -> int:
+        return self._num_val
+
+    def sample_indices(
+        self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int, grad_accum: int
+    ) -> np.ndarray:
+        """The training chunks of one micro-batch: the global sampling rule of the module docstring."""
+        if not (0 <= rank < world_size and 0 <= micro_step < grad_accum and micro_batch_size >= 1 and step >= 0):
+            raise ValueError(
+                f"invalid position: step={step}, micro_step={micro_step} of grad_accum={grad_accum}, "
+                f"rank={rank} of world_size={world_size}, micro_batch_size={micro_batch_size}"
+            )
+        global_batch = micro_batch_size * grad_accum * world_size
+        first = step * global_batch + (micro_step * world_size + rank) * micro_batch_size
+        epochs, offsets = np.divmod(np.arange(first, first + micro_batch_size), self._num_train)
+        chunks = np.empty(micro_batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):  # one epoch, or two where the micro-batch straddles a boundary
+            in_epoch = epochs == epoch
+            chunks[in_epoch] = self._permutation(int(epoch))[offsets[in_epoch]]
+        return chunks
+
+    def train_batch(
+        self, step: int, micro_step: int, rank: int, world_size: int, micro_batch_size: int, grad_accum: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 tensors of shape [micro_batch_size, seq_len]; targets = inputs shifted by one."""
+        chunks = self.sample_indices(step, micro_step, rank, world_size, micro_batch_size, grad_accum)
+        return self._read(0, chunks)
+
+    def val_batches(
+        self, micro_batch_size: int, rank: int, world_size: int, max_samples: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) micro-batches of the first max_samples validation chunks (all if None), in order.
+        Rank r takes micro-batches r, r + world_size, ...; every rank gets the same number, floor(chunks /
+        (micro_batch_size * world_size)), so collectives stay in step and the remainder is left out."""
+        if not (0 <= rank < world_size and micro_batch_size >= 1 and (max_samples is None or max_samples >= 1)):
+            raise ValueError(
+                f"invalid validation split: rank={rank} of world_size={world_size}, "
+                f"micro_batch_size={micro_batch_size}, max_samples={max_samples}"
+            )
+        num_chunks = self._num_val if max_samples is None else min(max_samples, self._num_val)
+        per_rank = num_chunks // (micro_batch_size * world_size)
+        if per_rank == 0:
+            raise ValueError(
+                f"{num_chunks} validation chunks are too few for one micro-batch of {micro_batch_size} per rank "
+                f"on {world_size} ranks"
+            )
+        starts = range(rank * micro_batch_size, per_rank * world_size * micro_batch_size, world_size * micro_batch_size)
+        return (self._read(self._val_start, np.arange(start, start + micro_batch_size)) for start in starts)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) == 2:
+                del self._permutations[min(self._permutations)]
+            rng = np.random.default_rng((self.seed, epoch))
+            self._permutations[epoch] = rng.permutation(self._num_train)
+        return self._permutations[epoch]
+
+    def _read(self, region_start: int, chunks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = region_start + chunks[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        rows = torch.from_numpy(np.asarray(self.tokens[positions], dtype=np.int64))
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -1,0 +1,109 @@
+"""The `curvtrain` command line as a user runs it: a subprocess, a fresh local Ray runtime, exit codes."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIG, tiny
+from distributed.export import consolidated_state_dict, export_checkpoint
+from models.llama import LlamaForCausalLM, llama_config
+
+ROOT = Path(__file__).parents[1]
+
+
+def curvtrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "engine.zero_stage=5"], "engine: zero_stage must be 0, 1, 2 or 3"),
+    (["--set", "optimizer.betas=0.9"], "optimizer.betas: expected a list of 2 values"),
+    (["--set", "schedule.max_step=10"], "unknown config key schedule.max_step"),
+    (["--set", "data.corpus=/no/such/corpus"], "/no/such/corpus"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(out), *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_corrupt_checkpoint_is_refused_and_left_untouched(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs("engine.zero_stage=1"), run_dir)
+    shard = run_dir / "checkpoints" / "step_00000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    before = snapshot(run_dir)
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--resume")
+    assert result.returncode == 2
+    assert "is corrupt" in result.stderr and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in result.stderr
+    assert snapshot(run_dir) == before
+
+
+def test_existing_run_is_not_overwritten_without_resume(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs("engine.zero_stage=1"), run_dir)
+    before = snapshot(run_dir)
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir))
+    assert result.returncode == 2 and "pass --resume" in result.stderr
+    assert snapshot(run_dir) == before
+
+
+def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def our_logits(state_dict: dict, name: str, ids: torch.Tensor) -> torch.Tensor:
+    model = LlamaForCausalLM(llama_config(name))
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_pretrain_then_export_from_the_command_line(tmp_path):
+    pytest.importorskip("transformers")
+    run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--set", "schedule.max_steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"metrics:     {run_dir / 'metrics.jsonl'}" in result.stdout and "loss.png" in result.stdout
+    assert (run_dir / "loss.png").is_file() and (run_dir / "config.yaml").is_file()
+
+    result = curvtrain("export", str(run_dir), str(hf_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    state = consolidated_state_dict(run_dir / "checkpoints" / "step_00000004")
+    assert (hf_logits(hf_dir, ids) - our_logits(state, "tiny", ids)).abs().max() <= 1e-4
+
+    again = curvtrain("export", str(run_dir), str(hf_dir))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_export_round_trip_from_every_layout(runs, tmp_path, stage):
+    """ZeRO-3 shards parameters, stage 0 keeps them whole: both consolidate to the trained weights."""
+    ckpt = runs(f"engine.zero_stage={stage}") / "checkpoints" / "step_00000020"
+    state = consolidated_state_dict(ckpt)
+    export_checkpoint(ckpt, tiny(f"engine.zero_stage={stage}"), tmp_path / "hf")
+    ids = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(1))
+    ours = our_logits(state, "tiny", ids)
+    assert (hf_logits(tmp_path / "hf", ids) - ours).abs().max() <= 1e-4
+    untrained = our_logits(LlamaForCausalLM(llama_config("tiny")).state_dict(), "tiny", ids)
+    assert (ours - untrained).abs().max() > 1e-2  # the weights are the trained ones

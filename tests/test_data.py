@@ -1,0 +1,278 @@
+"""Tokenizer, corpora, the token cache and the deterministic sampling rule of models/data.py."""
+
+import json
+import os
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from models import data as data_module
+from models.corpus import corpus_fingerprint, iter_documents, wiki_to_text
+from models.data import DataConfig, TokenData, prepare_tokens
+from models.tokenizer import Tokenizer
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_text():
+    tok = Tokenizer.load()
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (32000, 1, 2)
+    assert tok.model_path.name == "tokenizer.model.v1"
+    text = "The Eiffel Tower, built in 1889, is 330 m tall. Ünïcödé and\nnew lines\ttoo!"
+    ids = tok.encode(text)
+    assert ids and tok.bos_id not in ids and tok.eos_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "second"]) == [ids, tok.encode("second")]
+    assert Tokenizer.load(str(tok.model_path)).encode(text) == ids
+
+
+def test_tokenizer_errors_name_the_spec(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer '/no/such.model': no such file"):
+        Tokenizer.load("/no/such.model")
+    junk = tmp_path / "junk.model"
+    junk.write_text("not a model")
+    with pytest.raises(ValueError, match="junk.model is not a valid SentencePiece model"):
+        Tokenizer.load(str(junk))
+
+
+# ---- corpora -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wiki_docs():
+    return list(iter_documents("wiki-sample"))
+
+
+def test_wiki_sample_is_plain_prose(wiki_docs):
+    assert len(wiki_docs) > 100
+    assert sum(map(len, wiki_docs)) > 2_000_000
+    assert wiki_docs[0].startswith("Anarchism is a political philosophy that advocates self-governed societies")
+    for doc in wiki_docs:
+        for markup in ("{{", "}}", "[[", "]]", "<ref", "</", "'''", "==", "&nbsp;", "thumb|"):
+            assert markup not in doc, (markup, doc[:200])
+        letters = sum(c.isalpha() for c in doc)
+        assert letters > 0.6 * len(doc), doc[:200]
+    assert sum(". " in doc for doc in wiki_docs) > 0.9 * len(wiki_docs)  # sentences, not word lists
+
+
+def test_wiki_markup_to_text():
+    wikitext = (
+        "{{Infobox person|name={{nowrap|A B}}}}\n'''Ada''' was a [[mathematician|mathematical]] [[poet]]."
+        "<ref>Cited, p. 3.</ref> She ({{IPAc-en|ˈ|eɪ|d|ə}}; {{lang|fr|[[Ada (name)|Ada]]}}) "
+        "wrote [http://x.org notes]; "
+        "{{IPAc-en|ˈ|eɪ|d|ə}} ({{convert|2|to|3|km}}, {{nowrap|{{IPA|x}}}}).\n"
+        "[[File:Ada.jpg|thumb|Ada in [[1840]] [left].]]\n== Life ==\n* Born in [[London]].\n"
+        "{| class=wikitable\n|-\n| cell || cell\n|}\n== References ==\n{{reflist}}\n* Book.\n"
+        "=== Sources ===\nMore.\n[[Category:People]]\n[[de:Ada]]"
+    )
+    expected = "Ada was a mathematical poet. She (Ada) wrote notes; (2 to 3 km).\n\nLife\nBorn in London."
+    assert wiki_to_text(wikitext) == expected
+
+
+def test_lee_corpus_is_one_story_per_line():
+    docs = list(iter_documents("lee"))
+    assert len(docs) == 300
+    assert docs[0].startswith("Hundreds of people have been forced to vacate their homes")
+
+
+@pytest.fixture
+def user_corpus(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.txt").write_text("Document b.")
+    (root / "sub" / "c.txt").write_text("Document c,\nover two lines.")
+    (root / "a.jsonl").write_text(json.dumps({"text": "Line one."}) + "\n\n" + json.dumps({"text": "Line two."}))
+    (root / "notes.md").write_text("ignored")
+    (root / "empty.txt").write_text("  \n")
+    return root
+
+
+def test_user_corpus_reads_txt_and_jsonl_in_sorted_order(user_corpus):
+    expected = ["Line one.", "Line two.", "Document b.", "Document c,\nover two lines."]
+    assert list(iter_documents(str(user_corpus))) == expected
+    assert list(iter_documents(str(user_corpus / "sub" / "c.txt"))) == expected[3:]
+
+
+def test_fingerprint_follows_content(user_corpus):
+    before = corpus_fingerprint(str(user_corpus))
+    assert corpus_fingerprint(str(user_corpus)) == before
+    (user_corpus / "b.txt").write_text("Document b, edited.")
+    assert corpus_fingerprint(str(user_corpus)) != before
+    assert corpus_fingerprint("wiki-sample") != corpus_fingerprint("lee")
+
+
+def test_user_corpus_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a built-in corpus .* nor an existing path"):
+        iter_documents(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no .txt or .jsonl files"):
+        iter_documents(str(tmp_path / "empty"))
+    (tmp_path / "doc.md").write_text("x")
+    with pytest.raises(ValueError, match=r"must end in one of \('.txt', '.jsonl'\)"):
+        iter_documents(str(tmp_path / "doc.md"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: invalid JSON"):
+        list(iter_documents(str(bad)))
+    bad.write_text('{"body": "no text field"}\n')
+    with pytest.raises(ValueError, match=r'bad.jsonl, line 1: expected a JSON object with a string "text" field'):
+        list(iter_documents(str(bad)))
+
+
+# ---- the token cache -----------------------------------------------------------------------------
+
+
+def test_data_config_validation(monkeypatch):
+    with pytest.raises(ValueError, match="seq_len"):
+        DataConfig(seq_len=0)
+    for fraction in (0.0, 1.0):
+        with pytest.raises(ValueError, match="val_fraction"):
+            DataConfig(val_fraction=fraction)
+    with pytest.raises(ValueError, match="seed"):
+        DataConfig(seed=-1)
+    monkeypatch.setenv("CURVTRAIN_CACHE", "/elsewhere")
+    assert DataConfig().cache_dir == "/elsewhere"
+    assert DataConfig(cache_dir="/explicit").cache_dir == "/explicit"
+
+
+def test_prepare_tokens_writes_every_document_then_eos(user_corpus, tmp_path):
+    cfg = DataConfig(corpus=str(user_corpus), cache_dir=str(tmp_path / "cache"), seq_len=2, val_fraction=0.2)
+    out = prepare_tokens(cfg)
+    tok = Tokenizer.load()
+    expected = [t for doc in iter_documents(str(user_corpus)) for t in tok.encode(doc) + [tok.eos_id]]
+    assert np.fromfile(out / "tokens.bin", dtype=np.uint16).tolist() == expected
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["num_tokens"], meta["num_docs"], meta["vocab_size"]) == (len(expected), 4, 32000)
+    assert sorted(os.listdir(out)) == ["meta.json", "tokens.bin"]
+
+
+def test_prepare_tokens_is_cached(user_corpus, tmp_path, monkeypatch):
+    cfg = DataConfig(corpus=str(user_corpus), cache_dir=str(tmp_path / "cache"), seq_len=2, val_fraction=0.2)
+    out = prepare_tokens(cfg)
+    mtime = (out / "tokens.bin").stat().st_mtime_ns
+
+    def no_tokenizing(spec):
+        raise AssertionError("a cache hit must not read the corpus")
+
+    with monkeypatch.context() as m:
+        m.setattr(data_module, "iter_documents", no_tokenizing)
+        assert prepare_tokens(cfg) == out
+    assert (out / "tokens.bin").stat().st_mtime_ns == mtime
+    (user_corpus / "b.txt").write_text("Document b, now longer.")
+    assert prepare_tokens(cfg) != out  # changed corpus, fresh cache entry
+
+
+def test_prepare_tokens_leaves_nothing_when_it_fails(user_corpus, tmp_path, monkeypatch):
+    def failing_corpus(spec):
+        yield "A first document."
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(data_module, "iter_documents", failing_corpus)
+    cache = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        prepare_tokens(DataConfig(corpus=str(user_corpus), cache_dir=str(cache)))
+    assert [p.name for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_prepare_tokens_rejects_a_too_small_corpus(tmp_path):
+    (tmp_path / "tiny.txt").write_text("Too short.")
+    cfg = DataConfig(corpus=str(tmp_path / "tiny.txt"), cache_dir=str(tmp_path / "cache"), seq_len=64)
+    with pytest.raises(ValueError, match=r"tiny.txt' has \d+ tokens: too few for one training and one validation"):
+        prepare_tokens(cfg)
+
+
+def test_prepare_the_wiki_sample(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    start = time.perf_counter()
+    data = TokenData.from_config(cfg)
+    seconds = time.perf_counter() - start
+    meta = json.loads((next(tmp_path.iterdir()) / "meta.json").read_text())
+    print(f"wiki-sample: {meta['num_docs']} docs, {meta['num_tokens']} tokens, prepared in {seconds:.2f} s")
+    assert seconds < 20
+    assert meta["num_docs"] > 100 and meta["num_tokens"] > 500_000
+    assert data.num_train_samples > 4000 and data.num_val_samples > 100
+    inputs, _ = data.train_batch(step=0, micro_step=0, rank=0, world_size=1, micro_batch_size=2, grad_accum=1)
+    assert sum(c.isalpha() for c in Tokenizer.load().decode(inputs[0].tolist())) > 300
+
+
+# ---- deterministic sampling ----------------------------------------------------------------------
+
+SEQ_LEN = 4
+NUM_TOKENS = 1000  # token value = its position in the stream, so samples reveal where they were read
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "tokens.bin"
+    np.arange(NUM_TOKENS, dtype=np.uint16).tofile(path)
+    return path
+
+
+def make_data(token_file, seed=0):
+    return TokenData(token_file, seq_len=SEQ_LEN, val_fraction=0.1, seed=seed)
+
+
+def batch(data, step, micro_step=0, rank=0, world_size=1, micro_batch_size=4, grad_accum=1):
+    return data.train_batch(step, micro_step, rank, world_size, micro_batch_size, grad_accum)
+
+
+def test_regions_and_sample_shapes(token_file):
+    data = make_data(token_file)
+    assert (data.num_train_samples, data.num_val_samples) == ((900 - 1) // SEQ_LEN, (100 - 1) // SEQ_LEN)
+    inputs, targets = batch(data, step=3, micro_batch_size=5)
+    assert inputs.shape == targets.shape == (5, SEQ_LEN) and inputs.dtype == torch.int64
+    assert torch.equal(targets, inputs + 1)  # shifted by one token
+    assert torch.equal(inputs[:, 0] % SEQ_LEN, torch.zeros(5, dtype=torch.int64))  # chunk starts at i * seq_len
+    train_pairs = [batch(data, step, micro_batch_size=1) for step in range(data.num_train_samples)]
+    train = {t for pair in train_pairs for part in pair for t in part.flatten().tolist()}
+    val = {t for pair in data.val_batches(1, rank=0, world_size=1) for part in pair for t in part.flatten().tolist()}
+    assert max(train) < 900 <= min(val)  # validation is the end of the stream, disjoint from training
+    assert train == set(range(data.num_train_samples * SEQ_LEN + 1))
+
+
+def test_batches_are_deterministic_and_seeded(token_file):
+    a, b = make_data(token_file), make_data(token_file)
+    for step in range(5):  # `a` walks the steps in order, `b` jumps (a resumed run)
+        batch(a, step)
+    assert torch.equal(batch(a, 7)[0], batch(b, 7)[0])
+    assert not torch.equal(batch(a, 7)[0], batch(make_data(token_file, seed=1), 7)[0])
+
+
+def test_ranks_see_disjoint_samples(token_file):
+    data = make_data(token_file)
+    for step in (0, 11, 40):
+        chunks = [data.sample_indices(step, micro_step, rank, 3, 4, 2) for micro_step in range(2) for rank in range(3)]
+        assert len(set(np.concatenate(chunks).tolist())) == 24
+
+
+def test_one_worker_with_accumulation_sees_the_global_batch_of_two_workers(token_file):
+    data = make_data(token_file)
+    for step in range(60):  # a few epochs of 224 chunks in global batches of 8
+        one_worker = [data.sample_indices(step, m, 0, 1, 4, 2) for m in range(2)]
+        two_workers = [data.sample_indices(step, 0, r, 2, 4, 1) for r in range(2)]
+        assert Counter(np.concatenate(one_worker).tolist()) == Counter(np.concatenate(two_workers).tolist())
+
+
+def test_every_chunk_once_per_epoch(token_file):
+    data = make_data(token_file)
+    n = data.num_train_samples
+    micro_batch_size = 5  # does not divide n: micro-batches straddle epoch boundaries
+    chunks = np.concatenate([data.sample_indices(s, 0, 0, 1, micro_batch_size, 1) for s in range(3 * n // 5 + 1)])
+    epochs = [chunks[e * n : (e + 1) * n] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch.tolist()) == list(range(n))
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+
+
+def test_val_batches_split_across_ranks(token_file):
+    data = make_data(token_file)  # 24 validation chunks
+    per_rank = [list(data.val_batches(micro_batch_size=2, rank=r, world_size=3, max_samples=15)) for r in range(3)]
+    assert [len(batches) for batches in per_rank] == [2, 2, 2]  # 15 chunks: 7 micro-batches, 6 used
+    firsts = sorted(int(inputs[i, 0]) for batches in per_rank for inputs, _ in batches for i in range(2))
+    assert firsts == [900 + i * SEQ_LEN for i in range(12)]  # the first 12 validation chunks, each once
+    assert len(list(data.val_batches(micro_batch_size=4, rank=0, world_size=1))) == 6
+    with pytest.raises(ValueError, match="too few for one micro-batch"):
+        data.val_batches(micro_batch_size=4, rank=0, world_size=2, max_samples=7)
