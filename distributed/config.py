@@ -15,10 +15,12 @@ from optim import OptimizerConfig, ScheduleConfig
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = "tiny"
+    name: str = "20m"
     """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs ~30% more compute)."""
+    compile: bool = False
+    """torch.compile the model in place (state-dict names unchanged); pays a compile at start-up."""
 
     def __post_init__(self):
         if self.name not in LLAMA_CONFIGS:
@@ -83,11 +85,11 @@ class RunConfig:
     """Seeds model initialization (data order is seeded by data.seed)."""
     log_interval: int = 1
     """Steps between metrics records (each costs one all-reduce and one host sync)."""
-    eval_interval: int = 50
+    eval_interval: int = 40
     """Steps between validation passes (and at the last step)."""
     eval_samples: int = 64
     """Validation sequences per pass (the first ones of the held-out split)."""
-    checkpoint_interval: int = 100
+    checkpoint_interval: int = 40
     """Steps between checkpoints (and at the last step)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""

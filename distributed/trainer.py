@@ -33,6 +33,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model = LlamaForCausalLM(llama_config(cfg.model.name))
         model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        if cfg.model.compile:
+            model.compile()  # in place: parameter names stay HF-compatible for checkpoints and export
         optimizer = build_optimizer(cfg.optimizer, model.named_parameters())
         self.engine = build_engine(model, optimizer, warmup_cosine(optimizer, cfg.schedule), cfg)
         self.data = TokenData(prepare_tokens(cfg.data), cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)
@@ -126,6 +128,7 @@ class Trainer:
                     lr=lr,
                     tokens=self.tokens,
                     tokens_per_s=(self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9),
+                    elapsed_s=time.perf_counter() - start,
                 )
             if self.step % run.eval_interval == 0 or last:
                 val_loss = self.evaluate()

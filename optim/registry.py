@@ -53,7 +53,7 @@ class LowRankConfig:
 class OptimizerConfig:
     name: str = "adamw"
     """Registry key: one of OPTIMIZERS."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate (the schedule multiplies it)."""
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8

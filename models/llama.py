@@ -1,0 +1,247 @@
+"""LLaMA decoder, in one file, built upward: RMSNorm, rotary embeddings, attention, SwiGLU MLP, block, model.
+
+The architecture is LLaMA's (Touvron et al. 2023, arXiv:2302.13971): pre-norm residual blocks with RMSNorm
+(Zhang & Sennrich 2019, arXiv:1910.07467), rotary position embeddings (Su et al. 2021, arXiv:2104.09864),
+a SwiGLU MLP (Shazeer 2020, arXiv:2002.05202), optional grouped-query attention (Ainslie et al. 2023,
+arXiv:2305.13245), no biases and an untied output head. Parameter names, rotary convention and init follow
+Hugging Face's `LlamaForCausalLM`, so a state dict moves between the two unchanged (`models/hf.py` exports one).
+The named sizes are GaLore's (Zhao et al. 2024, arXiv:2403.03507), the usual ladder for optimizer comparisons.
+
+    model = LlamaForCausalLM(llama_config("60m"))
+    loss = model(input_ids, targets)           # targets already shifted: targets[:, t] = input_ids[:, t + 1]
+    logits = model(input_ids)                  # [B, T, vocab_size]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(kw_only=True)
+class LlamaConfig:
+    """Shapes and constants of a LLaMA decoder; the field names are Hugging Face's `LlamaConfig`'s."""
+
+    vocab_size: int = 32000
+    """Rows of the embedding and the output head; 32000 is the LLaMA-1/2 SentencePiece vocabulary."""
+    hidden_size: int
+    """Width of the residual stream."""
+    intermediate_size: int
+    """Width of the SwiGLU MLP; LLaMA uses about 8/3 * hidden_size, rounded."""
+    num_hidden_layers: int
+    """Number of decoder blocks."""
+    num_attention_heads: int
+    """Query heads; head_dim = hidden_size / num_attention_heads."""
+    num_key_value_heads: int | None = None
+    """Key/value heads, shared by groups of query heads (GQA); None means one per query head (plain MHA)."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the model is meant for (GaLore trains at 256 and sets 1024); recorded for HF export."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies, inv_freq = 1 / theta^(2i / head_dim)."""
+    rms_norm_eps: float = 1e-6
+    """Added to the mean square inside RMSNorm; LLaMA-1 and GaLore use 1e-6."""
+    initializer_range: float = 0.02
+    """Standard deviation of the normal init of every linear and embedding weight (HF's init)."""
+    tie_word_embeddings: bool = False
+    """Share the output head with the input embedding; LLaMA does not."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_key_value_heads <= 0:
+            raise ValueError(f"num_key_value_heads must be positive, got {self.num_key_value_heads}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = hidden_size / num_attention_heads must be even for rotary "
+                             f"embeddings, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# GaLore's configs/llama_*.json; `tiny` is a debug size that runs in seconds on a CPU.
+LLAMA_CONFIGS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_position_embeddings=256),
+    "20m": LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "60m": LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "130m": LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "350m": LlamaConfig(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
+    "1b": LlamaConfig(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
+    "7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+}
+
+
+def llama_config(name: str, **overrides) -> LlamaConfig:
+    """The named config `name` (a key of LLAMA_CONFIGS) with `overrides` applied and validated."""
+    if name not in LLAMA_CONFIGS:
+        raise ValueError(f"unknown LLaMA config {name!r}; valid names: {', '.join(LLAMA_CONFIGS)}")
+    base = LLAMA_CONFIGS[name]
+    if "num_attention_heads" in overrides and base.num_key_value_heads == base.num_attention_heads:
+        overrides.setdefault("num_key_value_heads", None)  # a multi-head config stays multi-head
+    return dataclasses.replace(base, **overrides)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back (Zhang & Sennrich 2019), as HF's LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [seq_len, head_dim] of RoPE (Su et al. 2021) in HF's non-interleaved layout.
+
+    Dimensions i and i + head_dim/2 rotate together at frequency theta^(-2i/head_dim). The tables are recomputed
+    in float32 at every forward (a few thousand flops) rather than cached in buffers, which
+    `model.to(torch.bfloat16)` would round and a meta-device build followed by `to_empty()` would leave garbage.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq  # a mul: autocast keeps fp32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, head_dim] by position; cos/sin are cast to x's dtype first, as HF does."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary embeddings and optional grouped-query attention (Ainslie et al. 2023)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # enable_gqa lets each kv head serve its group of query heads without materialising repeated copies;
+        # it is only set when needed so that plain MHA may use every SDPA backend.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embedding, decoder blocks, final norm and output head; `state_dict()` keys are HF LlamaForCausalLM's."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        # Set True to recompute each block in the backward pass instead of storing its activations (training only).
+        self.gradient_checkpointing = False
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF's init: normal(0, initializer_range) for linears and embeddings; norms keep their ones."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab_size] for input_ids [B, T]; with targets [B, T] (already shifted, -100 ignored)
+        the mean cross-entropy over all counted positions instead, computed in float32."""
+        cos, sin = rotary_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, input_ids.device)
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.model.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters; exclude_embeddings leaves out the input embedding table (a lookup, not a matmul)
+        unless it is tied to the output head, whose matmul it then is."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.config.tie_word_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) flops per token: 6 * N + 12 * n_layers * hidden_size * seq_len.
+
+        N is num_parameters(exclude_embeddings=True) (every matmul weight, lm_head included): 2 flops per weight
+        forward and 4 backward. The second term is attention's QK^T and AV over the full (unmasked) context
+        (PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's estimate_mfu).
+        """
+        attention = 12.0 * self.config.num_hidden_layers * self.config.hidden_size * seq_len
+        return 6.0 * self.num_parameters(exclude_embeddings=True) + attention

@@ -1,0 +1,134 @@
+"""models/hf.py: an exported tiny model and tokenizer load in transformers and agree with ours."""
+
+import importlib.resources
+import json
+
+import pytest
+import sentencepiece
+import torch
+
+from models.hf import export_hf
+from models.llama import LlamaForCausalLM, llama_config
+
+transformers = pytest.importorskip("transformers")
+
+TOKENIZER = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+
+SENTENCES = [
+    "Hello world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "  two leading spaces, and  a double space",
+    " one leading space",
+    "Numbers: 12345, 3.14159 and -0.5e10; dates like 2024-06-01.",
+    "Unicode: café, naïve, Ünïcödé, 日本語, Ελληνικά, 🤗 (byte fallback).",
+    "def f(x):\n    return x ** 2\t# tab\n\n",
+    "trailing space ",
+    "",
+]
+
+
+def tiny_model(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config("tiny", **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = tiny_model()
+    out = export_hf(model.state_dict(), model.config, tmp_path_factory.mktemp("export") / "hf",
+                    tokenizer_model=TOKENIZER)
+    return model, out
+
+
+def test_export_writes_hf_folder(exported):
+    model, out = exported
+    assert {p.name for p in out.iterdir()} == {
+        "model.safetensors", "config.json", "generation_config.json", "tokenizer.model", "tokenizer.json",
+        "tokenizer_config.json", "special_tokens_map.json"}
+    assert [p.name for p in out.parent.iterdir()] == ["hf"]  # no temporary folder left
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert isinstance(config, transformers.LlamaConfig)
+    assert (config.hidden_size, config.num_key_value_heads, config.head_dim) == (64, 2, 16)
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_hf_model_gives_our_logits(exported):
+    model, out = exported
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, 32000, (2, 33), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_our_state_dict_loads_strictly_into_hf():
+    model = tiny_model()
+    cfg = model.config
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, rms_norm_eps=cfg.rms_norm_eps))
+    hf.load_state_dict(model.state_dict(), strict=True)
+    ids = torch.randint(0, 32000, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+def test_tokenizer_matches_sentencepiece(exported):
+    _, out = exported
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
+    for text in SENTENCES:
+        ids = tok(text)["input_ids"]
+        assert ids == [1] + sp.encode(text), text
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), text
+
+
+def test_tied_embeddings_export(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    out = export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_model=TOKENIZER)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 32000, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "missing keys.*layers.1.mlp.up_proj"),
+    (lambda sd: sd.update(extra=torch.zeros(1)), "unexpected keys.*extra"),
+    (lambda sd: sd.update({"lm_head.weight": torch.zeros(31999, 64)}), r"wrong shapes.*lm_head.weight \(31999, 64\)"),
+])
+def test_export_refuses_mismatched_state_dict(tmp_path, corrupt, message):
+    model = tiny_model()
+    state_dict = model.state_dict()
+    corrupt(state_dict)
+    with pytest.raises(ValueError, match=message):
+        export_hf(state_dict, model.config, tmp_path / "hf", tokenizer_model=TOKENIZER)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_config_mismatch_and_nonempty_dir(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="num_key_value_heads|k_proj"):
+        export_hf(model.state_dict(), llama_config("tiny", num_key_value_heads=4), tmp_path / "hf",
+                  tokenizer_model=TOKENIZER)
+    with pytest.raises(ValueError, match="vocab_size"):
+        small = tiny_model(vocab_size=1000)
+        export_hf(small.state_dict(), small.config, tmp_path / "hf", tokenizer_model=TOKENIZER)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_model=TOKENIZER)
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("models.hf._tokenizer_json", fail)  # fails after model.safetensors is written
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_model=TOKENIZER)
+    assert list(tmp_path.iterdir()) == []
