@@ -1,0 +1,275 @@
+"""GradNormLoRP: gradient weight-normalized low-rank projection (Huang et al., AAAI 2025, "Gradient
+Weight-normalized Low-rank Projection for Efficient LLM Training").
+
+Each projected weight W (m×n) is reparameterized row by row with weight normalization (Salimans &
+Kingma 2016), wᵢ = gᵢ · vᵢ/‖vᵢ‖, without storing V: the state keeps the magnitudes g (m) and the
+direction norms s = ‖vᵢ‖ (m), and V = (s/g) ⊙ W row-wise, since vᵢ/‖vᵢ‖ = wᵢ/gᵢ. At the first step
+g = s = ‖wᵢ‖ (so V = W). From ∇W, with uᵢ = wᵢ/gᵢ:
+
+    ∇gᵢ = ∇wᵢ · uᵢ,      ∇vᵢ = (gᵢ/sᵢ) (∇wᵢ − ∇gᵢ uᵢ)
+
+(the official code drops the term −∇gᵢ uᵢ; it is kept here). The direction gradient goes through
+GaLore's low-rank Adam (`projector`): every `update_gap` steps the basis is refreshed from ∇V,
+R = project(∇V), Adam moments of R in the r-dim space (optionally blockwise 8-bit, `quantize`),
+N = m̂/(√v̂ + ε), ΔV = −lr · scale · project_back(N). As in GaLore, the moments are kept when the basis
+is refreshed. The magnitude g gets its own full-precision Adam step with lr. Weight decay is
+decoupled and applied to g only: g ← (1 − lr·wd) g, which scales every row of W by (1 − lr·wd)
+exactly as AdamW's decay of W; the direction V is scale-free and not decayed. Then, in place on W:
+
+    W ← (s/g_old) ⊙ W + ΔV     (W holds V′),    s ← ‖rows of W‖,    W ← (g_new/s) ⊙ W
+
+Groups without `rank` get plain AdamW. State holds tensors only; g, s, basis and moments are float32
+(float64 for float64 weights) whatever the weight's dtype.
+"""
+
+import re
+from collections.abc import Callable, Iterable
+from itertools import chain
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
+from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+
+# Targets of the LLaMA trainer: the attention and MLP projection matrices (GaLore's choice).
+LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
+
+# Options of a low-rank group besides `rank` (GaLore's C4 defaults).
+LOWRANK_DEFAULTS = dict(update_gap=200, scale=0.25, proj_side="auto", power_iters=1, proj_method="range_finder")
+
+# The first basis of every weight is drawn from a generator with this seed, so data-parallel replicas
+# agree on it and runs repeat; later refreshes warm-start from the stored basis and draw nothing.
+SKETCH_SEED = 0
+
+
+def weight_norm_grads(weight: Tensor, grad: Tensor, g: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(∇g, ∇V) of wᵢ = gᵢ vᵢ/sᵢ given ∇W (Salimans & Kingma 2016), in the dtype of g:
+
+    ∇gᵢ = ∇wᵢ·wᵢ/gᵢ,    ∇vᵢ = (gᵢ/sᵢ)(∇wᵢ − ∇gᵢ wᵢ/gᵢ) = (gᵢ/sᵢ)∇wᵢ − (∇gᵢ/sᵢ)wᵢ
+    """
+    w, dw = weight.to(g.dtype), grad.to(g.dtype)
+    grad_g = torch.linalg.vecdot(dw, w) / g
+    grad_v = dw * (g / s)[:, None]
+    return grad_g, grad_v.addcmul_(w, (-grad_g / s)[:, None])
+
+
+def adam_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, betas: tuple[float, float], eps: float, step: int
+) -> Tensor:
+    """Updates the moments in place and returns N = m̂/(√v̂ + ε) (Kingma & Ba 2015, bias-corrected)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    return exp_avg.div(denom).div_(1 - beta1**step)
+
+
+def _row_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _check_lowrank_group(group: dict) -> None:
+    rank = group["rank"]
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if not isinstance(group["update_gap"], int) or group["update_gap"] <= 0:
+        raise ValueError(f"update_gap must be a positive int, got {group['update_gap']!r}")
+    if not group["scale"] > 0:
+        raise ValueError(f"scale must be > 0, got {group['scale']!r}")
+    if not isinstance(group["power_iters"], int) or group["power_iters"] < 0:
+        raise ValueError(f"power_iters must be a non-negative int, got {group['power_iters']!r}")
+    if group["proj_method"] not in METHODS:
+        raise ValueError(f"proj_method must be one of {METHODS}, got {group['proj_method']!r}")
+    for p in group["params"]:
+        if p.dim() != 2:
+            raise ValueError(f"a group with rank needs 2-D parameters, got one of shape {tuple(p.shape)}")
+        choose_side(p.shape, group["proj_side"])  # raises on a bad proj_side
+        if rank >= min(p.shape):
+            raise ValueError(
+                f"rank {rank} must be < min(m, n) = {min(p.shape)} for parameter of shape {tuple(p.shape)}"
+            )
+
+
+class GradNormLoRP(torch.optim.Optimizer):
+    """GradNormLoRP (module docstring); groups with `rank` are projected, the others get AdamW.
+
+    A low-rank group may set `update_gap`, `scale`, `proj_side` ("auto", "left", "right"),
+    `power_iters` and `proj_method` ("range_finder", "svd"); see LOWRANK_DEFAULTS. With eight_bit the
+    low-rank moments are held blockwise 8-bit (signed map for m, unsigned for v); g's moments and the
+    AdamW groups stay full precision. `step_param` steps one parameter (per-layer updates, `per_layer`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        eight_bit: bool = False,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eight_bit=eight_bit))
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "rank" in param_group:
+            param_group = {**LOWRANK_DEFAULTS, **param_group}
+        super().add_param_group(param_group)
+        if "rank" in param_group:
+            _check_lowrank_group(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict) -> None:
+        """Updates one parameter of `group` from p.grad."""
+        if p.grad.is_sparse:
+            raise ValueError("GradNormLoRP does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state.update(self._init_state(p, group))
+        state["step"] += 1
+        if "rank" in group:
+            self._lowrank_step(p, group, state)
+        else:
+            self._adamw_step(p, group, state)
+
+    def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        state = {"step": torch.tensor(0, dtype=torch.int64)}
+        if "rank" not in group:
+            return state | {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        dtype = _compute_dtype(p)
+        norms = _row_norms(p, dtype)
+        if (norms == 0).any():
+            raise ValueError(
+                f"weight normalization needs non-zero rows; a parameter of shape {tuple(p.shape)} has a zero row"
+            )
+        side = choose_side(p.shape, group["proj_side"])
+        basis_shape, low_shape = lowrank_shapes(p.shape, group["rank"], side)
+        state |= {
+            "g": norms,
+            "s": norms.clone(),
+            "g_exp_avg": torch.zeros_like(norms),
+            "g_exp_avg_sq": torch.zeros_like(norms),
+            "basis": torch.zeros(basis_shape, dtype=dtype, device=p.device),
+        }
+        zeros = torch.zeros(low_shape, dtype=dtype, device=p.device)
+        if not group["eight_bit"]:
+            return state | {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):  # v ≥ 0: the finer unsigned map
+            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
+        return state
+
+    def _adamw_step(self, p: Tensor, group: dict, state: dict) -> None:
+        step = int(state["step"])
+        direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], p.grad, group["betas"], group["eps"], step)
+        p.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
+
+    def _lowrank_step(self, p: Tensor, group: dict, state: dict) -> None:
+        step, lr, g, s = int(state["step"]), group["lr"], state["g"], state["s"]
+        side = choose_side(p.shape, group["proj_side"])
+        grad_g, grad_v = weight_norm_grads(p, p.grad, g, s)
+        if (step - 1) % group["update_gap"] == 0:
+            cold = step == 1  # before it, state["basis"] holds zeros
+            state["basis"] = refresh_basis(
+                grad_v,
+                group["rank"],
+                side,
+                prev=None if cold else state["basis"],
+                power_iters=group["power_iters"],
+                method=group["proj_method"],
+                generator=torch.Generator(p.device).manual_seed(SKETCH_SEED) if cold else None,
+            )
+        low = project(grad_v, state["basis"], side)
+        direction = self._lowrank_direction(state, low, group, step)
+        delta_v = project_back(direction, state["basis"], side)
+        del grad_v, low, direction  # free the full-size ∇V before the write-back
+
+        g_old = g.clone()
+        g.mul_(1 - lr * group["weight_decay"])
+        betas, eps = group["betas"], group["eps"]
+        g.add_(adam_direction(state["g_exp_avg"], state["g_exp_avg_sq"], grad_g, betas, eps, step), alpha=-lr)
+
+        v = p if p.dtype == g.dtype else p.to(g.dtype)
+        v.mul_((s / g_old)[:, None]).add_(delta_v, alpha=-lr * group["scale"])
+        s.copy_(_row_norms(v, s.dtype))
+        v.mul_((g / s)[:, None])
+        if v is not p:
+            p.copy_(v)
+
+    def _lowrank_direction(self, state: dict, low: Tensor, group: dict, step: int) -> Tensor:
+        """N = m̂/(√v̂ + ε) of the projected gradient; 8-bit moments are dequantized, updated and requantized."""
+        if not group["eight_bit"]:
+            return adam_direction(state["exp_avg"], state["exp_avg_sq"], low, group["betas"], group["eps"], step)
+        names = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
+        m, v = (
+            dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], low.shape, BLOCK_SIZE, low.dtype, signed=sg)
+            for k, sg in names
+        )
+        direction = adam_direction(m, v, low, group["betas"], group["eps"], step)
+        for (k, sg), moment in zip(names, (m, v)):
+            state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
+        return direction
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; ours keeps
+        # float32 statistics for bf16 weights and uint8 codes on purpose, so restore the saved dtypes.
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                device = value.device if key == "step" else p.device  # the step count stays on the CPU
+                self.state[p][key] = value.to(device, copy=True)
+
+
+def lowrank_param_groups(
+    named_params: Iterable[tuple[str, Parameter]],
+    *,
+    targets: str,
+    rank: int,
+    update_gap: int,
+    scale: float,
+    proj_side: str = "auto",
+    power_iters: int = 1,
+    weight_decay: float = 0.0,
+) -> list[dict]:
+    """Two param groups, both with `weight_decay`: trainable parameters whose name matches the regex
+    `targets` (re.search; must be 2-D) with the low-rank options, and all other trainable parameters
+    (plain AdamW). The trainer's rule is LLAMA_TARGETS."""
+    lowrank, plain = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if re.search(targets, name):
+            if p.dim() != 2:
+                raise ValueError(f"low-rank target {name!r} matched by {targets!r} is not 2-D (shape {tuple(p.shape)})")
+            lowrank.append(p)
+        else:
+            plain.append(p)
+    if not lowrank:
+        raise ValueError(f"the low-rank target rule {targets!r} matches no trainable parameter")
+    groups = [
+        dict(params=lowrank, rank=rank, update_gap=update_gap, scale=scale, proj_side=proj_side,
+             power_iters=power_iters, weight_decay=weight_decay)
+    ]
+    return groups + ([dict(params=plain, weight_decay=weight_decay)] if plain else [])

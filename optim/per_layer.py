@@ -1,0 +1,87 @@
+"""Per-layer weight updates: the optimizer step of each parameter runs inside backward, as soon as its
+gradient is accumulated, and the gradient is freed at once, so the gradients of the whole model never
+exist together (the memory trick behind GaLore's LLaMA-7B on a 24 GB GPU; Zhao et al., ICML 2024).
+
+Built on `Tensor.register_post_accumulate_grad_hook`. An optimizer that has `step_param(p, group)`
+(GradNormLoRP) steps the one parameter directly; any other torch optimizer (AdamW, ...) is stepped
+with its param groups narrowed to that parameter for the call, so it keeps one state, one
+`state_dict` and its LR scheduler.
+
+Gradient accumulation over k micro-batches: the hook fires on every backward; with
+`accumulation_steps=k` a parameter is stepped (and its gradient freed) on every k-th firing only, and
+otherwise its gradient is kept and summed by autograd, exactly like k calls of `loss.backward()`
+followed by `optimizer.step()`. Between micro-batches the kept gradients do coexist: the memory
+saving is complete only for k = 1. Call backward exactly k times per optimizer step. Anything that
+needs all gradients at once (global-norm clipping, a finite check) cannot be combined with this.
+"""
+
+import threading
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class PerLayerHandle:
+    """Returned by `attach_per_layer_step`; `remove()` detaches the hooks."""
+
+    def __init__(self, hooks: list):
+        self._hooks = hooks
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+class _StepAfterAccumulation:
+    """Post-accumulate-grad hook: every `every`-th call, step `p` and free its gradient."""
+
+    def __init__(self, step_one: Callable[[Tensor, dict], None], group: dict, every: int):
+        self.step_one, self.group, self.every, self.calls = step_one, group, every, 0
+
+    def __call__(self, p: Tensor) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self.step_one(p, self.group)
+            p.grad = None
+
+
+def _narrowed_step(optimizer: torch.optim.Optimizer, lock: threading.Lock, p: Tensor, group: dict) -> None:
+    """optimizer.step() with every param group emptied except `group`, which holds only `p`."""
+    with lock:  # autograd may run hooks of parameters on different devices in different threads
+        saved = [g["params"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["params"] = [p] if g is group else []
+        try:
+            optimizer.step()
+        finally:
+            for g, params in zip(optimizer.param_groups, saved):
+                g["params"] = params
+
+
+def attach_per_layer_step(
+    model_or_params: nn.Module | Iterable[Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    accumulation_steps: int = 1,
+) -> PerLayerHandle:
+    """Runs `optimizer`'s step for each trainable parameter inside backward (module docstring)."""
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+    params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    if hasattr(optimizer, "step_param"):
+        step_one = optimizer.step_param
+    else:
+        lock = threading.Lock()
+        step_one = lambda p, group: _narrowed_step(optimizer, lock, p, group)  # noqa: E731
+    hooks = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p not in group_of:
+            raise ValueError(f"parameter of shape {tuple(p.shape)} is trainable but not in the optimizer")
+        hook = _StepAfterAccumulation(step_one, group_of[p], accumulation_steps)
+        hooks.append(p.register_post_accumulate_grad_hook(hook))
+    return PerLayerHandle(hooks)

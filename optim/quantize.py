@@ -1,0 +1,122 @@
+"""Blockwise 8-bit quantization with the dynamic map (Dettmers et al., ICLR 2022, "8-bit Optimizers via
+Block-wise Quantization"), the storage format of 8-bit optimizer moments.
+
+A tensor is flattened and cut into blocks of `block_size` values (the last block may be shorter).
+Each block keeps its absmax a_b (float32); each value x keeps the uint8 index of the map entry nearest
+to x / a_b:
+
+    codes[i] = argmin_k |map[k] − x_i / a_b(i)|,      deq(codes)[i] = map[codes[i]] · a_b(i)
+
+The map is the 256-entry dynamic type of bitsandbytes' `create_dynamic_map`: a sign bit (signed map
+only), a run of zero bits giving a decimal exponent 10^-e (e = 0..6), then linearly spaced fractions
+in [0.1, 1]; plus 0 and 1. Values near 0 keep more relative precision than in a linear map.
+The unsigned map (for non-negative tensors such as Adam's second moment) spends the sign bit on
+twice as many fractions, halving the error.
+
+Error bound (round to nearest, inputs x/a_b in [-1, 1], or [0, 1] for the unsigned map):
+
+    |x − deq(q(x))| ≤ a_b · δ,   δ = max(max_k (map[k+1] − map[k]) / 2, distance from the range's ends to the map)
+
+which `max_error(signed)` returns: δ = 0.5·0.9/64 ≈ 0.0070 signed, 0.5·0.9/128 ≈ 0.0035 unsigned
+(set by the widest steps, those of the top decade [0.1, 1]), up to float32 rounding of map·a_b.
+
+The torch path (exact nearest code: `bucketize` on the midpoints of the map) runs on any device.
+On CUDA, bitsandbytes' kernels, which read and write the same format, are used when the package
+imports. (Its CPU kernel is not used: it rounds some tiny values a few codes away from the nearest.)
+"""
+
+import functools
+
+import torch
+from torch import Tensor
+
+BLOCK_SIZE = 256
+_BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@functools.cache
+def _cpu_dynamic_map(signed: bool) -> Tensor:
+    # Entry for entry as bitsandbytes.functional.create_dynamic_map(signed, max_exponent_bits=7, total_bits=8).
+    values = []
+    for i in range(7):
+        fractions = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = torch.linspace(0.1, 1, fractions, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (i - 6) * means).tolist()
+        if signed:
+            values += (-(10 ** (i - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def dynamic_map(signed: bool = True, device: torch.device | str = "cpu") -> Tensor:
+    """The 256 sorted float32 values of the signed or unsigned dynamic map, built once per device."""
+    return _cpu_dynamic_map(signed).to(device)
+
+
+@functools.cache
+def _midpoints(signed: bool, device: torch.device) -> Tensor:
+    code = dynamic_map(signed, device)
+    return (code[:-1] + code[1:]) / 2
+
+
+@functools.cache
+def max_error(signed: bool = True) -> float:
+    """δ of the error bound |x − deq(q(x))| ≤ absmax_block · δ (module docstring)."""
+    code = _cpu_dynamic_map(signed).double()
+    low = -1.0 if signed else 0.0
+    return max((code.diff().max() / 2).item(), code[0].item() - low, 1.0 - code[-1].item())
+
+
+@functools.cache
+def _bnb_functional():
+    try:
+        import bitsandbytes.functional as F
+    except ImportError:
+        return None
+    return F
+
+
+def _use_bnb(x: Tensor, block_size: int):
+    return _bnb_functional() if x.is_cuda and block_size in _BNB_BLOCK_SIZES else None
+
+
+def quantize_blockwise(x: Tensor, block_size: int = BLOCK_SIZE, *, signed: bool = True) -> tuple[Tensor, Tensor]:
+    """(codes uint8 shaped like x, absmax float32 with one entry per block of the flattened x).
+
+    With signed=False, x must be non-negative (negative values are clamped to 0).
+    """
+    bnb = _use_bnb(x, block_size)
+    if bnb is not None:
+        code = dynamic_map(signed, x.device)
+        codes, state = bnb.quantize_blockwise(x.float().contiguous(), code=code, blocksize=block_size)
+        return codes, state.absmax
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = torch.nn.functional.pad(flat, (0, -n % block_size)).view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-1.0 if signed else 0.0, 1.0)
+    codes = torch.bucketize(scaled.view(-1)[:n], _midpoints(signed, x.device)).to(torch.uint8)
+    return codes.view(x.shape), absmax
+
+
+def dequantize_blockwise(
+    codes: Tensor,
+    absmax: Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    block_size: int = BLOCK_SIZE,
+    dtype: torch.dtype = torch.float32,
+    *,
+    signed: bool = True,
+) -> Tensor:
+    """map[codes] · absmax of each value's block, as a `dtype` tensor of `shape`."""
+    bnb = _use_bnb(codes, block_size)
+    if bnb is not None:
+        code = dynamic_map(signed, codes.device)
+        out = bnb.dequantize_blockwise(codes, absmax=absmax, code=code, blocksize=block_size)
+        return out.view(shape).to(dtype)
+    values = dynamic_map(signed, codes.device)[codes.reshape(-1).long()]
+    n = values.numel()
+    blocks = torch.nn.functional.pad(values, (0, -n % block_size)).view(-1, block_size)
+    return (blocks * absmax[:, None]).view(-1)[:n].view(shape).to(dtype)

@@ -1,0 +1,201 @@
+"""Training throughput, peak memory and MFU: our LLaMA vs Hugging Face `LlamaForCausalLM`, eager and
+under `torch.compile`, both with torch AdamW (fused where the device has it), measured in one run;
+plus the cost of curvtrain's distributed path (Ray worker + DeepSpeed engine, 1 worker) over the same
+model in a plain loop.
+
+    python scripts/bench_throughput.py --device cuda --model 1b --batch 16 --seq 256 1024   # GPU
+    python scripts/bench_throughput.py --device cpu --model 20m --batch 8 --seq 256         # CPU
+
+Each measurement runs in its own process (clean peak memory). MFU = flops_per_token × tokens/s / peak,
+flops_per_token = 6·N + 12·L·d·T (models.llama); peak = --peak-tflops on CUDA (790: dense bf16 as the
+reference numbers use), and on CPU the measured fp32 matmul rate of the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_peak_flops() -> float:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    n = 10
+    for _ in range(n):
+        a @ b
+    return n * 2 * 2048**3 / (time.perf_counter() - t)
+
+
+def build(impl: str, model_name: str):
+    from models.llama import LlamaForCausalLM, llama_config
+
+    cfg = llama_config(model_name)
+    if impl == "hf":
+        import transformers
+
+        from models.hf import hf_config_dict
+
+        hf_cfg = transformers.LlamaConfig(**hf_config_dict(cfg, bos_token_id=1, eos_token_id=2))
+        hf_cfg._attn_implementation = "sdpa"
+        model = transformers.LlamaForCausalLM(hf_cfg)
+        step_loss = lambda x, y: model(input_ids=x, labels=y).loss  # HF shifts labels itself  # noqa: E731
+    else:
+        model = LlamaForCausalLM(cfg)
+        step_loss = lambda x, y: model(x[:, :-1], y[:, 1:])  # noqa: E731
+    return cfg, model, step_loss
+
+
+def measure_plain(spec: dict) -> dict:
+    """Our model or HF's in a plain loop: forward, backward, AdamW step."""
+    import torch
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    cfg, model, step_loss = build(spec["impl"], spec["model"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    model.to(device=device, dtype=dtype).train()
+    if spec["compile"]:
+        model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch, seq = spec["batch"], spec["seq"]
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        loss = step_loss(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(spec["warmup"]):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(spec["steps"]):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t) / spec["steps"]
+    flops = _flops(cfg, seq)
+    peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"step_ms": 1000 * seconds, "tokens_per_s": batch * seq / seconds, "peak_gib": peak_mem / 2**30,
+            "flops_per_token": flops}
+
+
+def _flops(cfg, seq: int) -> float:
+    import torch
+
+    from models.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg).flops_per_token(seq)
+
+
+def measure_curvtrain(spec: dict) -> dict:
+    """The same model through `pretrain`: a Ray worker running a DeepSpeed engine (ZeRO 0, 1 worker)."""
+    from distributed.config import TrainConfig
+    from distributed.coordinator import Coordinator
+    from distributed.metrics import read_metrics
+    from launcher.cluster import connect
+    from launcher.config import load_config
+
+    steps = spec["warmup"] + spec["steps"]
+    cfg = load_config(TrainConfig, None, [
+        f"model.name={spec['model']}", f"model.compile={str(spec['compile']).lower()}",
+        f"data.seq_len={spec['seq']}", f"batch.global_batch_size={spec['batch']}", f"batch.micro_batch_size={spec['batch']}",
+        "engine.zero_stage=0", f"engine.precision={spec['precision']}", "engine.grad_clip=0",
+        "workers.num_workers=1", f"workers.use_gpu={str(spec['device'] == 'cuda').lower()}",
+        f"workers.cpus_per_worker={spec['threads']}",
+        f"schedule.max_steps={steps}", "schedule.warmup_steps=0",
+        f"run.eval_interval={steps}", f"run.eval_samples={spec['batch']}", f"run.checkpoint_interval={steps}",
+    ])
+    connect(None, num_cpus_needed=spec["threads"], num_gpus_needed=1 if spec["device"] == "cuda" else 0)
+    with tempfile.TemporaryDirectory() as run_dir:
+        Coordinator(cfg, Path(run_dir)).run()
+        records = read_metrics(Path(run_dir))
+    # steady state: from the end of the warmup steps to the last step, as the plain loop measures
+    t0 = records[spec["warmup"] - 1]["elapsed_s"]
+    t1 = records[-1]["elapsed_s"]
+    seconds = (t1 - t0) / spec["steps"]
+    from models.llama import llama_config
+
+    return {"step_ms": 1000 * seconds, "tokens_per_s": spec["batch"] * spec["seq"] / seconds, "peak_gib": float("nan"),
+            "flops_per_token": _flops(llama_config(spec["model"]), spec["seq"])}
+
+
+def run_one(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    result = measure_curvtrain(spec) if spec["impl"] == "curvtrain" else measure_plain(spec)
+    peak = spec["peak_tflops"] * 1e12 if spec["device"] == "cuda" else cpu_peak_flops()
+    result["mfu"] = result["flops_per_token"] * result["tokens_per_s"] / peak
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--model", default=None, help="named config (default: 1b on cuda, 20m on cpu)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, nargs="+", default=[256])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", default=None, help="bf16 (cuda default) or fp32 (cpu default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (a curvtrain worker's cpus_per_worker)")
+    p.add_argument("--peak-tflops", type=float, default=790.0)
+    p.add_argument("--impls", nargs="+", default=["ours", "hf", "curvtrain"])
+    p.add_argument("--compile", nargs="+", default=["eager", "compile"])
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        return
+    cuda = args.device == "cuda"
+    model = args.model or ("1b" if cuda else "20m")
+    batch = args.batch or (16 if cuda else 8)
+    precision = args.precision or ("bf16" if cuda else "fp32")
+    rows = []
+    for seq in args.seq:
+        for mode in args.compile:
+            for impl in args.impls:
+                spec = dict(impl=impl, compile=mode == "compile", model=model, batch=batch, seq=seq, device=args.device,
+                            precision=precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
+                            peak_tflops=args.peak_tflops)
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    print(f"{impl} {mode} seq {seq}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                rows.append({**spec, **json.loads(line[0][7:])})
+                r = rows[-1]
+                print(f"{impl:10s} {mode:8s} {batch}x{seq:<5d} {r['tokens_per_s']:10.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
+                      f"{r['peak_gib']:6.2f} GiB  MFU {100 * r['mfu']:5.1f}%", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
