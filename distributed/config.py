@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from models.data import DataConfig
 from models.llama import LLAMA_CONFIGS
-from optim import OptimizerConfig, ScheduleConfig
+from optim import WHOLE_MATRIX, OptimizerConfig, ScheduleConfig
 
 
 @dataclass(kw_only=True)
@@ -118,6 +118,20 @@ class TrainConfig:
                 f"batch.global_batch_size ({self.batch.global_batch_size}) must be a multiple of "
                 f"batch.micro_batch_size × workers.num_workers ({per_step})"
             )
+
+        if self.owner_sharded and self.engine.zero_stage != 0:
+            why = "optimizer.per_layer" if self.optimizer.per_layer else f"optimizer.name={self.optimizer.name} (needs whole matrices)"
+            raise ValueError(
+                f"{why} runs owner-sharded across workers and needs engine.zero_stage=0: ZeRO 1-3 hand the "
+                f"optimizer flat partitions (got engine.zero_stage={self.engine.zero_stage})"
+            )
+        if self.optimizer.per_layer and self.engine.grad_clip > 0:
+            raise ValueError("optimizer.per_layer frees each gradient inside backward, so there is no global norm to clip: set engine.grad_clip=0")
+
+    @property
+    def owner_sharded(self) -> bool:
+        """Whole parameters owned by ranks (distributed.sharded) instead of DeepSpeed ZeRO partitions."""
+        return self.optimizer.name in WHOLE_MATRIX or self.optimizer.per_layer
 
     @property
     def grad_accum(self) -> int:

@@ -12,11 +12,14 @@ import shutil
 from pathlib import Path
 
 import ray
+import torch
 from ray.exceptions import RayActorError
 
 from distributed import checkpoint
 from distributed.config import TrainConfig, save_config
 from distributed.metrics import plot_losses, truncate_metrics
+from distributed.ownership import plan_for
+from distributed.trainer import build_model_and_optimizer
 from distributed.worker import TrainWorker
 from models.data import prepare_tokens
 
@@ -48,9 +51,9 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])
 
-    def run(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> dict:
+    def run(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None, owners: dict[str, int] | None) -> dict:
         master = ray.get(self.workers[0].rendezvous_address.remote(self.local))
-        refs = [w.run.remote(cfg, str(run_dir), master, resume_from and str(resume_from)) for w in self.workers]
+        refs = [w.run.remote(cfg, str(run_dir), master, resume_from and str(resume_from), owners) for w in self.workers]
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -85,11 +88,13 @@ class Coordinator:
 
     def check_checkpoint(self, ckpt: Path) -> None:
         manifest = checkpoint.validate(ckpt)
-        if manifest["world_size"] != self.cfg.workers.num_workers and manifest["zero_stage"] > 0:
+        sharded = manifest["zero_stage"] > 0 or self.cfg.owner_sharded
+        if manifest["world_size"] != self.cfg.workers.num_workers and sharded:
             raise checkpoint.CheckpointError(
-                f"checkpoint {ckpt} was written by {manifest['world_size']} workers with ZeRO stage "
-                f"{manifest['zero_stage']}; resuming it needs workers.num_workers={manifest['world_size']} "
-                f"(ZeRO optimizer shards are not resharded)"
+                f"checkpoint {ckpt} was written by {manifest['world_size']} workers; resuming it needs "
+                f"workers.num_workers={manifest['world_size']} (its optimizer state is sharded per worker: "
+                f"ZeRO stage {manifest['zero_stage']}{', owner-sharded ' + self.cfg.optimizer.name if self.cfg.owner_sharded else ''}, "
+                f"and is not resharded)"
             )
         if manifest["zero_stage"] != self.cfg.engine.zero_stage:
             raise checkpoint.CheckpointError(
@@ -108,7 +113,7 @@ class Coordinator:
             group = WorkerGroup(self.cfg, local=self.local)
             try:
                 (self.run_dir / "workers.json").write_text(json.dumps({"attempt": attempt, "pids": group.pids()}))
-                summary = group.run(self.cfg, self.run_dir, resume_from)
+                summary = group.run(self.cfg, self.run_dir, resume_from, self.ownership_plan())
                 break
             except WorkerLost as e:
                 if attempt == self.cfg.workers.max_restarts:
@@ -124,6 +129,14 @@ class Coordinator:
         summary["plot"] = str(plot_losses(self.run_dir))
         summary["checkpoint"] = str(checkpoint.latest(self.ckpt_root))
         return summary
+
+    def ownership_plan(self) -> dict[str, int] | None:
+        """Which rank owns which parameter, for owner-sharded optimizers (planned on a meta-device model)."""
+        if not self.cfg.owner_sharded:
+            return None
+        with torch.device("meta"):
+            model, optimizer = build_model_and_optimizer(self.cfg)
+        return plan_for(model, optimizer, self.cfg.workers.num_workers)
 
     def remove_unsealed_checkpoints(self) -> None:
         """A save interrupted by a crash leaves a step_* folder without manifest: it holds nothing usable."""

@@ -20,7 +20,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.engine.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.engine.precision == "bf16"},
+        # Owner-sharded optimizers get a bf16 model instead: DeepSpeed's bf16 optimizer flattens parameters.
+        "bf16": {"enabled": cfg.engine.precision == "bf16" and not cfg.owner_sharded},
         # Our optimizers are plain torch.optim.Optimizer subclasses that DeepSpeed wraps as client optimizers.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
@@ -36,4 +37,6 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
+    if cfg.optimizer.per_layer:
+        engine.enable_backward_allreduce = False  # each gradient is reduced to its owner inside backward
     return engine

@@ -18,36 +18,56 @@ from distributed import checkpoint
 from distributed.config import TrainConfig, save_config
 from distributed.engine import build_engine
 from distributed.metrics import MetricsLogger
+from distributed.sharded import OwnerShardedOptimizer
 from models.data import TokenData, prepare_tokens
 from models.llama import LlamaForCausalLM, llama_config
-from optim import build_optimizer, warmup_cosine
+from optim import attach_per_layer_step, build_optimizer, warmup_cosine
+
+
+def build_model_and_optimizer(cfg: TrainConfig) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
+    """The model and the registry's optimizer over it (also used on the meta device to plan ownership)."""
+    model = LlamaForCausalLM(llama_config(cfg.model.name))
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if cfg.owner_sharded and cfg.engine.precision == "bf16":
+        model.to(torch.bfloat16)  # bf16 weights, no fp32 master copy (GaLore's recipe); optimizer state stays fp32
+    return model, build_optimizer(cfg.optimizer, model.named_parameters())
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, device: torch.device):
-        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+    def __init__(self, cfg: TrainConfig, run_dir: Path, device: torch.device, owners: dict[str, int] | None = None):
+        self.cfg, self.run_dir, self.device, self.owners = cfg, Path(run_dir), device, owners
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.step = 0  # optimizer steps completed
         self.tokens = 0  # training tokens consumed by all workers
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = LlamaForCausalLM(llama_config(cfg.model.name))
-        model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        model, optimizer = build_model_and_optimizer(cfg)
+        model.to(device)
+        if cfg.owner_sharded:
+            names = {p: n for n, p in model.named_parameters()}
+            optimizer = OwnerShardedOptimizer(optimizer, owners, names, per_layer=cfg.optimizer.per_layer)
+            if cfg.optimizer.per_layer:
+                attach_per_layer_step(model, optimizer, accumulation_steps=cfg.grad_accum)
         if cfg.model.compile:
             model.compile()  # in place: parameter names stay HF-compatible for checkpoints and export
-        optimizer = build_optimizer(cfg.optimizer, model.named_parameters())
+        self.optimizer = optimizer
         self.engine = build_engine(model, optimizer, warmup_cosine(optimizer, cfg.schedule), cfg)
         self.data = TokenData(prepare_tokens(cfg.data), cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
 
     # ---- state (everything a resume needs besides the engine) ----
     def state_dict(self) -> dict:
-        state = {"step": self.step, "tokens": self.tokens, "rng": torch.get_rng_state()}
+        state = {"step": self.step, "tokens": self.tokens, "rng": torch.get_rng_state(), "owners": self.owners}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        if state["owners"] != self.owners:
+            raise checkpoint.CheckpointError(
+                "the checkpoint's block ownership differs from this run's (different worker count or optimizer "
+                "targets): owner-sharded optimizer state cannot be resharded"
+            )
         self.step, self.tokens = state["step"], state["tokens"]
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
@@ -95,6 +115,8 @@ class Trainer:
         tag = checkpoint.tag_for(self.step)
         self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         torch.save(self.state_dict(), root / tag / f"trainer_rank{self.rank}.pt")
+        if self.cfg.owner_sharded:  # DeepSpeed (ZeRO 0) saves rank 0's optimizer only; each rank owns a shard
+            torch.save(self.optimizer.state_dict(), root / tag / f"optimizer_rank{self.rank}.pt")
         if self.rank == 0:
             save_config(self.cfg, root / tag / "config.yaml")
         dist.barrier()  # every rank's files are on disk before the manifest seals them
@@ -106,10 +128,13 @@ class Trainer:
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         ckpt_dir = Path(ckpt_dir)
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        sharded = self.cfg.owner_sharded
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=not sharded)
         if path is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
         self.load_state_dict(torch.load(ckpt_dir / f"trainer_rank{self.rank}.pt", weights_only=True))
+        if sharded:
+            self.optimizer.load_state_dict(torch.load(ckpt_dir / f"optimizer_rank{self.rank}.pt", weights_only=True))
 
     # ---- the loop ----
     def fit(self) -> dict:

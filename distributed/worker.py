@@ -28,7 +28,7 @@ class TrainWorker:
             s.bind((host, 0))
             return host, s.getsockname()[1]
 
-    def run(self, cfg, run_dir: str, master: tuple[str, int], resume_from: str | None) -> dict:
+    def run(self, cfg, run_dir: str, master: tuple[str, int], resume_from: str | None, owners: dict | None) -> dict:
         import torch
 
         # DeepSpeed reads these even when a process group exists (else it tries MPI discovery).
@@ -48,7 +48,7 @@ class TrainWorker:
 
         from distributed.trainer import Trainer
 
-        trainer = Trainer(cfg, Path(run_dir), device)
+        trainer = Trainer(cfg, Path(run_dir), device, owners)
         if resume_from is not None:
             trainer.load_checkpoint(Path(resume_from))
         summary = trainer.fit()

@@ -1,5 +1,8 @@
 """Optimizers and estimators: pure torch on local tensors, no process groups."""
-from optim.registry import OPTIMIZERS, LowRankConfig, OptimizerConfig, build_optimizer
+from optim.gradnorm_lorp import GradNormLoRP
+from optim.per_layer import attach_per_layer_step
+from optim.registry import OPTIMIZERS, WHOLE_MATRIX, LowRankConfig, OptimizerConfig, build_optimizer
 from optim.schedule import ScheduleConfig, warmup_cosine
 
-__all__ = ["OPTIMIZERS", "LowRankConfig", "OptimizerConfig", "ScheduleConfig", "build_optimizer", "warmup_cosine"]
+__all__ = [
+    "GradNormLoRP", "WHOLE_MATRIX", "attach_per_layer_step","OPTIMIZERS", "LowRankConfig", "OptimizerConfig", "ScheduleConfig", "build_optimizer", "warmup_cosine"]

@@ -153,6 +153,13 @@ class GradNormLoRP(torch.optim.Optimizer):
         else:
             self._adamw_step(p, group, state)
 
+    def state_numel(self, p: Tensor, group: dict) -> int:
+        """Elements of state `step_param` creates for p: the cost model of block ownership."""
+        if "rank" not in group:
+            return 2 * p.numel()
+        basis, low = lowrank_shapes(p.shape, group["rank"], choose_side(p.shape, group["proj_side"]))
+        return basis.numel() + 2 * low.numel() + 4 * p.shape[0]
+
     def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         state = {"step": torch.tensor(0, dtype=torch.int64)}
         if "rank" not in group:

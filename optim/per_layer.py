@@ -47,6 +47,17 @@ class _StepAfterAccumulation:
             p.grad = None
 
 
+_LOCK = threading.Lock()
+
+
+def step_one_param(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> None:
+    """Step only `p` (of `group`): `optimizer.step_param` where it exists, else a narrowed `step()`."""
+    if hasattr(optimizer, "step_param"):
+        optimizer.step_param(p, group)
+    else:
+        _narrowed_step(optimizer, _LOCK, p, group)
+
+
 def _narrowed_step(optimizer: torch.optim.Optimizer, lock: threading.Lock, p: Tensor, group: dict) -> None:
     """optimizer.step() with every param group emptied except `group`, which holds only `p`."""
     with lock:  # autograd may run hooks of parameters on different devices in different threads
@@ -71,11 +82,7 @@ def attach_per_layer_step(
         raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
     params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-    if hasattr(optimizer, "step_param"):
-        step_one = optimizer.step_param
-    else:
-        lock = threading.Lock()
-        step_one = lambda p, group: _narrowed_step(optimizer, lock, p, group)  # noqa: E731
+    step_one = lambda p, group: step_one_param(optimizer, p, group)  # noqa: E731
     hooks = []
     for p in params:
         if not p.requires_grad:

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
+
 
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
@@ -23,15 +25,15 @@ class LowRankConfig:
 
     rank: int = 128
     """Projection rank r (GaLore: 128 for 60M, 256 for 130M/350M, 512-1024 for 1B, 1024 for 7B)."""
-    update_gap: int = 200
+    update_gap: int = LOWRANK_DEFAULTS["update_gap"]
     """T: steps between refreshes of the projection basis (GaLore default 200)."""
-    scale: float = 0.25
+    scale: float = LOWRANK_DEFAULTS["scale"]
     """α: scale of the back-projected update (GaLore default 0.25)."""
     proj_side: str = "auto"
     """"auto" (right basis if m ≥ n, else left), "left" or "right"."""
     power_iters: int = 1
     """Power iterations of the randomized range finder at each refresh."""
-    targets: str = r"(self_attn|mlp)\.\w+_proj\.weight$"
+    targets: str = LLAMA_TARGETS
     """Regular expression on parameter names selecting the projected 2-D weights."""
     eight_bit: bool = False
     """Hold the low-rank Adam moments in blockwise 8-bit."""
@@ -60,6 +62,9 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay, applied to 2-D weights only (not norms)."""
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    per_layer: bool = False
+    """Step each parameter inside backward and free its gradient at once (GaLore's per-layer updates):
+    whole-model gradients never coexist. Excludes global-norm clipping."""
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -86,9 +91,25 @@ def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.
     return torch.optim.AdamW(decay_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """GradNormLoRP on the `lowrank.targets` matrices, AdamW on the rest (optim.gradnorm_lorp)."""
+    lr = cfg.lowrank
+    groups = lowrank_param_groups(
+        ((n, p) for n, p in named_params if p.requires_grad), targets=lr.targets, rank=lr.rank,
+        update_gap=lr.update_gap, scale=lr.scale, proj_side=lr.proj_side, power_iters=lr.power_iters,
+        weight_decay=cfg.weight_decay,
+    )
+    return GradNormLoRP(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, eight_bit=lr.eight_bit)
+
+
 OPTIMIZERS: dict[str, Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]] = {
     "adamw": build_adamw,
+    "gradnorm_lorp": build_gradnorm_lorp,
 }
+
+# Optimizers whose update needs each matrix whole (2-D projections): under data parallelism they run
+# on owner-sharded whole matrices (distributed.sharded), never on DeepSpeed ZeRO's flat partitions.
+WHOLE_MATRIX = {"gradnorm_lorp"}
 
 
 def build_optimizer(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:

@@ -1,0 +1,74 @@
+"""GradNormLoRP across real worker processes: whole matrices owned by ranks, DeepSpeed ZeRO-0 engine."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny
+from distributed import checkpoint
+from distributed.coordinator import Coordinator
+from distributed.export import consolidated_state_dict
+from distributed.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+GN = ("optimizer.name=gradnorm_lorp", "engine.zero_stage=0", "optimizer.lowrank.rank=8",
+      "optimizer.lowrank.update_gap=5", "optimizer.lr=0.01")
+ONE, TWO = ("workers.num_workers=1",), ("workers.num_workers=2",)
+PER_LAYER = ("optimizer.per_layer=true", "engine.grad_clip=0")
+
+
+def weights(run_dir):
+    return consolidated_state_dict(run_dir / "checkpoints" / "step_00000020")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_workers_equal_one_worker_after_20_steps(runs):
+    one, two = runs(*GN, *ONE), runs(*GN, *TWO)
+    assert max_diff(weights(one), weights(two)) <= 1e-5
+    loss = [r["loss"] for r in read_metrics(two)]
+    assert loss[-1] < loss[0] - 2.0
+
+
+def test_per_layer_updates_on_two_workers_equal_the_ordinary_step(runs):
+    ordinary, per_layer = runs(*GN, *ONE, "engine.grad_clip=0"), runs(*GN, *TWO, *PER_LAYER)
+    assert max_diff(weights(ordinary), weights(per_layer)) <= 1e-5
+
+
+def test_optimizer_state_per_worker_is_half(runs):
+    one = runs(*GN, *ONE) / "checkpoints" / "step_00000020"
+    two = runs(*GN, *TWO) / "checkpoints" / "step_00000020"
+    total = (one / "optimizer_rank0.pt").stat().st_size
+    for rank in (0, 1):
+        assert 0.4 * total < (two / f"optimizer_rank{rank}.pt").stat().st_size < 0.6 * total
+
+
+def test_resume_with_8bit_state_equals_uninterrupted(runs, tmp_path):
+    overrides = (*GN, *TWO, "optimizer.lowrank.eight_bit=true")
+    full = runs(*overrides)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000020")
+    (resumed / "checkpoints" / "LATEST").write_text("step_00000010")
+    Coordinator(tiny(*overrides), resumed, resume=True).run()
+    a, b = weights(full), weights(resumed)
+    assert max_diff(a, b) == 0.0
+    assert [r["loss"] for r in read_metrics(full)] == [r["loss"] for r in read_metrics(resumed)]
+
+
+def test_resume_with_another_worker_count_is_refused(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs(*GN, *TWO), run_dir)
+    with pytest.raises(checkpoint.CheckpointError, match="written by 2 workers; resuming it needs workers.num_workers=2"):
+        Coordinator(tiny(*GN, *ONE), run_dir, resume=True).check()
+
+
+def test_gradnorm_lorp_refuses_zero_partitions():
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs engine.zero_stage=0"):
+        tiny(*GN[:1], "engine.zero_stage=2")
+    with pytest.raises(ConfigError, match="set engine.grad_clip=0"):
+        tiny(*GN, "optimizer.per_layer=true")
