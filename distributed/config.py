@@ -85,11 +85,11 @@ class RunConfig:
     """Seeds model initialization (data order is seeded by data.seed)."""
     log_interval: int = 1
     """Steps between metrics records (each costs one all-reduce and one host sync)."""
-    eval_interval: int = 40
+    eval_interval: int = 50
     """Steps between validation passes (and at the last step)."""
     eval_samples: int = 64
     """Validation sequences per pass (the first ones of the held-out split)."""
-    checkpoint_interval: int = 40
+    checkpoint_interval: int = 100
     """Steps between checkpoints (and at the last step)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""

@@ -9,9 +9,9 @@ import torch
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
-    max_steps: int = 120
+    max_steps: int = 200
     """Optimizer steps in the whole run."""
-    warmup_steps: int = 12
+    warmup_steps: int = 20
     """Linear warmup from 0 to the peak learning rate."""
     min_lr_ratio: float = 0.1
     """Floor of the cosine decay as a fraction of the peak (GaLore: 0.1)."""

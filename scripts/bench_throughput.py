@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.benchlib import cuda_available, report, run_isolated  # noqa: E402
 
 
 def cpu_peak_flops() -> float:
@@ -149,7 +147,7 @@ def run_one(spec: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--model", default=None, help="named config (default: 1b on cuda, 20m on cpu)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, nargs="+", default=[256])
@@ -164,7 +162,7 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        report(run_one(json.loads(args.one)))
         return
     cuda = args.device == "cuda"
     model = args.model or ("1b" if cuda else "20m")
@@ -177,24 +175,16 @@ def main() -> None:
                 spec = dict(impl=impl, compile=mode == "compile", model=model, batch=batch, seq=seq, device=args.device,
                             precision=precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
                             peak_tflops=args.peak_tflops)
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    print(f"{impl} {mode} seq {seq}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+                result, stderr = run_isolated(__file__, spec)
+                if result is None:
+                    print(f"{impl} {mode} seq {seq}: FAILED\n{stderr[-2000:]}", file=sys.stderr)
                     continue
-                rows.append({**spec, **json.loads(line[0][7:])})
+                rows.append({**spec, **result})
                 r = rows[-1]
                 print(f"{impl:10s} {mode:8s} {batch}x{seq:<5d} {r['tokens_per_s']:10.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
                       f"{r['peak_gib']:6.2f} GiB  MFU {100 * r['mfu']:5.1f}%", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 import shutil
 
 import pytest
-import torch
 
 from conftest import tiny
 from distributed import checkpoint

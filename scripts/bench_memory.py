@@ -1,0 +1,349 @@
+"""Peak memory, optimizer-state bytes and throughput of GradNormLoRP against its baselines, side by side
+in one run, on our LLaMA (one training step = forward, backward, optimizer step on one random batch).
+
+    # GPU: the issue's three checks (weights in pure bf16, as GaLore's 7B recipe)
+    python scripts/bench_memory.py --device cuda --model 7b --batch 1 --seq 256
+        # target: gradnorm_lorp8bit at r1024 peaks at <= 20 GiB
+    python scripts/bench_memory.py --device cuda --model 7b --batch 1 --seq 2048 --checkpointing \
+        --memory-cap-gib 24 --optimizers gradnorm_lorp8bit
+        # target: fits under a 24 GiB cap (a run that does not fit is reported as OOM)
+    python scripts/bench_memory.py --device cuda --model 1b --batch 16 --seq 256 --rank 512 \
+        --optimizers adamw gradnorm_lorp8bit
+        # targets: tokens/s >= 0.95x AdamW with refreshes amortized at T=200; refresh overhead <= 2%
+    # CPU smoke (fp32; galore8bit is skipped: galore-torch calls torch.cuda.synchronize unconditionally)
+    python scripts/bench_memory.py --device cpu --model tiny --batch 2 --seq 64 --steps 3 --warmup 1 --update-gap 5
+
+The rows (`--optimizers`, each in its own process for a clean peak):
+  adamw              torch AdamW (fused on CUDA), ordinary step
+  adamw8bit          bitsandbytes AdamW8bit, ordinary step
+  galore8bit         galore-torch GaLoreAdamW8bit, GaLore's per-layer recipe: one optimizer per parameter
+                     stepped in its post-accumulate-grad hook, GaLoreAdamW8bit (proj_type "std") on the
+                     attention/MLP matrices, bitsandbytes Adam8bit on the rest
+  gradnorm_lorp8bit  GradNormLoRP(eight_bit=True) on LLAMA_TARGETS, per-layer (optim.attach_per_layer_step)
+  gradnorm_lorp      GradNormLoRP with float32 moments, ordinary step (reference)
+
+Measured per row: peak memory over the whole process (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS,
+imports included), optimizer-state bytes (every tensor in `optimizer.state`, summed over the per-parameter
+optimizers; GaLore's basis, kept in a GaLoreProjector object, included), and ms/step and tokens/s over
+--steps steps after --warmup steps (the first of which draws the first basis). For the low-rank rows the
+steady steps run with the basis refresh switched off and --refresh-steps steps with it forced, so
+
+    amortized_ms = steady_ms + (refresh_ms - steady_ms) / T,    T = --update-gap (the optimizer's own gap),
+
+and the refresh overhead is amortized_ms / steady_ms - 1. State bytes are also given as the reduction vs
+AdamW (the measured row, else 2 moments in the weights' dtype); GradNormLoRP's headline is 89.5% at 7B.
+
+Reference numbers, H100, bf16, 7b, 1x256 tokens: peak AdamW 50.27 GiB, bitsandbytes AdamW8bit 38.11 GiB,
+galore-torch GaLoreAdamW8bit per-layer r1024 25.35 GiB; galore-torch's full-SVD refresh takes 280 s at 7b,
+41.9 s at 1b.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.benchlib import cuda_available, report, run_isolated  # noqa: E402
+
+OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
+LOWRANK = ("galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
+LR = 1e-4  # the values do not matter here; small enough that bf16 weights stay finite for a few steps
+NO_REFRESH = 10**9  # a refresh gap no run reaches: steady steps never refresh the basis
+
+
+def default_rank(model_name: str) -> int:
+    """GaLore's ranks: 1024 at 7b, 512 at 1b; a quarter of the width otherwise."""
+    from models.llama import llama_config
+
+    return {"7b": 1024, "1b": 512}.get(model_name, llama_config(model_name).hidden_size // 4)
+
+
+@dataclass
+class Setup:
+    """An optimizer row, ready to train."""
+
+    optimizers: list
+    """Whose `.state` is counted (one, or one per parameter for GaLore's per-layer recipe)."""
+    per_layer: bool
+    """Stepped inside backward by hooks: the training step only calls backward."""
+    set_gap: Callable[[int], None] | None = None
+    """Sets the basis refresh gap of the low-rank rows (1: refresh at the next step)."""
+
+
+def setup_adamw(model, spec: dict) -> Setup:
+    import torch
+
+    return Setup([torch.optim.AdamW(model.parameters(), lr=LR, fused=spec["device"] == "cuda")], per_layer=False)
+
+
+def setup_adamw8bit(model, spec: dict) -> Setup:
+    import bitsandbytes as bnb
+
+    return Setup([bnb.optim.AdamW8bit(model.parameters(), lr=LR)], per_layer=False)
+
+
+def setup_galore8bit(model, spec: dict) -> Setup:
+    """GaLore's torchrun_main.py with --optimizer galore_adamw8bit_per_layer."""
+    import bitsandbytes as bnb
+    from galore_torch import GaLoreAdamW8bit
+
+    from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS
+
+    per_param = {}
+    for name, p in model.named_parameters():
+        if re.search(LLAMA_TARGETS, name):
+            group = dict(params=[p], rank=spec["rank"], update_proj_gap=spec["update_gap"],
+                         scale=LOWRANK_DEFAULTS["scale"], proj_type="std")
+            per_param[p] = GaLoreAdamW8bit([group], lr=LR)
+        else:
+            per_param[p] = bnb.optim.Adam8bit([p], lr=LR)
+
+    def hook(p):
+        per_param[p].step()
+        per_param[p].zero_grad(set_to_none=True)
+
+    for p in per_param:
+        p.register_post_accumulate_grad_hook(hook)
+
+    def set_gap(gap: int) -> None:
+        # The projector copies update_proj_gap at the parameter's first step and reads only its own copy.
+        for opt in per_param.values():
+            for state in opt.state.values():
+                if "projector" in state:
+                    state["projector"].update_proj_gap = gap
+
+    return Setup(list(per_param.values()), per_layer=True, set_gap=set_gap)
+
+
+def setup_gradnorm_lorp(model, spec: dict, eight_bit: bool) -> Setup:
+    from optim import GradNormLoRP, attach_per_layer_step
+    from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, lowrank_param_groups
+
+    groups = lowrank_param_groups(model.named_parameters(), targets=LLAMA_TARGETS, rank=spec["rank"],
+                                  update_gap=spec["update_gap"], scale=LOWRANK_DEFAULTS["scale"])
+    opt = GradNormLoRP(groups, lr=LR, eight_bit=eight_bit)
+    if eight_bit:
+        attach_per_layer_step(model, opt)
+
+    def set_gap(gap: int) -> None:
+        for group in opt.param_groups:  # the per-layer hooks hold these same group dicts
+            if "rank" in group:
+                group["update_gap"] = gap
+
+    return Setup([opt], per_layer=eight_bit, set_gap=set_gap)
+
+
+SETUPS: dict[str, Callable[..., Setup]] = {
+    "adamw": setup_adamw,
+    "adamw8bit": setup_adamw8bit,
+    "galore8bit": setup_galore8bit,
+    "gradnorm_lorp8bit": lambda model, spec: setup_gradnorm_lorp(model, spec, eight_bit=True),
+    "gradnorm_lorp": lambda model, spec: setup_gradnorm_lorp(model, spec, eight_bit=False),
+}
+
+
+def build_model(spec: dict):
+    """Our LLaMA built on the device directly in the target dtype: fp32 7b weights (27 GB) never exist."""
+    import torch
+
+    from models.llama import LlamaForCausalLM, llama_config
+
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    torch.set_default_dtype(dtype)  # for the parameters' construction and init only
+    try:
+        with torch.device(spec["device"]):
+            model = LlamaForCausalLM(llama_config(spec["model"]))
+    finally:
+        torch.set_default_dtype(torch.float32)  # optimizer state and anything built later keep their own dtypes
+    model.gradient_checkpointing = spec["checkpointing"]
+    return model.train()
+
+
+def state_bytes(optimizers: list) -> int:
+    """Bytes of the tensors in the optimizers' state, each storage counted once."""
+    seen, total = set(), 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            for t in _tensors(list(state.values())):
+                key = (t.device, t.untyped_storage().data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+    return total
+
+
+def _tensors(value):
+    """The tensors in a state value: itself, those of a list, or an object's attributes (GaLoreProjector)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif hasattr(value, "__dict__"):
+        yield from _tensors(list(vars(value).values()))
+
+
+def measure(spec: dict) -> dict:
+    import torch
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    if cuda and spec["memory_cap_gib"]:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * 2**30 / total), device)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    setup = SETUPS[spec["optimizer"]](model, spec)
+    x = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"] + 1), device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        model(x[:, :-1], x[:, 1:]).backward()
+        if not setup.per_layer:
+            for opt in setup.optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    def timed_ms(n: int) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return 1000 * (time.perf_counter() - t) / n
+
+    timed_ms(spec["warmup"])  # the first step draws the first basis
+    if setup.set_gap:
+        setup.set_gap(NO_REFRESH)
+    steady_ms = timed_ms(spec["steps"])
+    result = {"steady_ms": steady_ms, "refresh_ms": None, "amortized_ms": steady_ms}
+    if setup.set_gap:
+        setup.set_gap(1)
+        result["refresh_ms"] = timed_ms(spec["refresh_steps"])
+        result["amortized_ms"] = steady_ms + (result["refresh_ms"] - steady_ms) / spec["update_gap"]
+        setup.set_gap(spec["update_gap"])
+    result["refresh_overhead"] = result["amortized_ms"] / steady_ms - 1
+    tokens = spec["batch"] * spec["seq"]
+    result["tokens_per_s"] = tokens / (steady_ms / 1000)
+    result["amortized_tokens_per_s"] = tokens / (result["amortized_ms"] / 1000)
+    result["state_bytes"] = state_bytes(setup.optimizers)
+    result["peak_bytes"] = _peak_bytes(cuda)
+    return result
+
+
+def _peak_bytes(cuda: bool) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_one(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    try:
+        return measure(spec)
+    except torch.OutOfMemoryError:
+        return {"oom": True, "peak_bytes": _peak_bytes(spec["device"] == "cuda")}
+
+
+def adamw_state_bytes(spec: dict) -> int:
+    """AdamW's two moments in the weights' dtype: the reference when no adamw row was measured."""
+    import torch
+
+    from models.llama import LlamaForCausalLM, llama_config
+
+    with torch.device("meta"):
+        n = LlamaForCausalLM(llama_config(spec["model"])).num_parameters()
+    return 2 * n * (2 if spec["precision"] == "bf16" else 4)
+
+
+HEADER = (f"{'optimizer':18s} {'peak GiB':>9s} {'state MiB':>10s} {'vs AdamW':>9s} {'ms/step':>9s} {'tok/s':>9s} "
+          f"{'refresh ms':>10s} {'amort. ms':>10s} {'amort tok/s':>11s} {'refresh %':>9s} {'x AdamW':>8s}")
+
+
+def format_row(r: dict, adamw: dict | None, adamw_bytes: int) -> str:
+    name = r["optimizer"]
+    if r.get("oom"):
+        at = f"  (peak {r['peak_bytes'] / 2**30:.2f} GiB when it failed)" if not math.isnan(r["peak_bytes"]) else ""
+        return f"{name:18s} {'OOM':>9s}{at}"
+    cut = f"{100 * (1 - r['state_bytes'] / adamw_bytes):8.1f}%"
+    refresh = f"{r['refresh_ms']:10.1f}" if r["refresh_ms"] is not None else f"{'-':>10s}"
+    ratio = f"{r['amortized_tokens_per_s'] / adamw['tokens_per_s']:8.3f}" if adamw else f"{'-':>8s}"
+    return (f"{name:18s} {r['peak_bytes'] / 2**30:9.2f} {r['state_bytes'] / 2**20:10.2f} {cut} {r['steady_ms']:9.1f} "
+            f"{r['tokens_per_s']:9.0f} {refresh} {r['amortized_ms']:10.1f} {r['amortized_tokens_per_s']:11.0f} "
+            f"{100 * r['refresh_overhead']:8.2f}% {ratio}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--model", default=None, help="named config (default: 7b on cuda, 20m on cpu)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--rank", type=int, default=None, help="default: 1024 at 7b, 512 at 1b, hidden_size/4 otherwise")
+    p.add_argument("--update-gap", type=int, default=200, help="T: steps between basis refreshes, for the amortization")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--refresh-steps", type=int, default=1, help="forced refresh steps timed (each is one refresh)")
+    p.add_argument("--precision", default=None, help="bf16 (cuda default) or fp32 (cpu default)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--memory-cap-gib", type=float, default=None, help="CUDA: cap the process's memory; OOM if over")
+    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        report(run_one(json.loads(args.one)))
+        return
+    if min(args.warmup, args.steps, args.refresh_steps, args.update_gap) < 1:
+        p.error("--warmup, --steps, --refresh-steps and --update-gap must be >= 1 (warmup draws the first basis)")
+    cuda = args.device == "cuda"
+    model = args.model or ("7b" if cuda else "20m")
+    base = dict(device=args.device, model=model, batch=args.batch, seq=args.seq, rank=args.rank or default_rank(model),
+                update_gap=args.update_gap, steps=args.steps, warmup=args.warmup, refresh_steps=args.refresh_steps,
+                precision=args.precision or ("bf16" if cuda else "fp32"), checkpointing=args.checkpointing,
+                memory_cap_gib=args.memory_cap_gib if cuda else None, threads=args.threads)
+    print(f"{model} {base['precision']} {args.batch}x{args.seq} rank {base['rank']} T {args.update_gap}"
+          f"{' checkpointing' if args.checkpointing else ''}"
+          f"{f' cap {args.memory_cap_gib} GiB' if base['memory_cap_gib'] else ''}; peak = "
+          f"{'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of the process'}", flush=True)
+    print(HEADER, flush=True)
+    rows, adamw = [], None
+    adamw_bytes = adamw_state_bytes(base)
+    for name in [n for n in OPTIMIZERS if n in args.optimizers]:  # adamw first: the reference of later rows
+        if name == "galore8bit" and not cuda:
+            print(f"{name:18s} skipped on CPU (galore-torch calls torch.cuda.synchronize in every step)", flush=True)
+            continue
+        spec = {**base, "optimizer": name}
+        result, stderr = run_isolated(__file__, spec)
+        if result is None:
+            if "out of memory" in stderr.lower():  # e.g. raised by a library as a plain RuntimeError
+                rows.append({**spec, "oom": True, "peak_bytes": math.nan})
+                print(format_row(rows[-1], adamw, adamw_bytes), flush=True)
+            else:
+                print(f"{name}: FAILED\n{stderr[-2000:]}", file=sys.stderr, flush=True)
+            continue
+        rows.append({**spec, **result})
+        if name == "adamw" and not rows[-1].get("oom"):
+            adamw, adamw_bytes = rows[-1], rows[-1]["state_bytes"]
+        print(format_row(rows[-1], adamw, adamw_bytes), flush=True)
+    if adamw is None:
+        print(f"vs AdamW: against AdamW's two moments in {base['precision']} ({adamw_bytes / 2**20:.2f} MiB), not measured")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
