@@ -72,6 +72,8 @@ class Coordinator:
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, resume: bool = False, local: bool = True):
         self.cfg, self.run_dir, self.resume, self.local = cfg, Path(run_dir), resume, local
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.checked = False  # check() passed; self.resume_from is what it found
+        self.resume_from: Path | None = None
 
     def check(self) -> Path | None:
         """Everything that can fail before workers start; returns the checkpoint to resume from."""
@@ -84,6 +86,7 @@ class Coordinator:
         elif self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
         prepare_tokens(self.cfg.data)  # corpus and tokenizer problems surface here, and workers hit the cache
+        self.checked, self.resume_from = True, resume_from
         return resume_from
 
     def check_checkpoint(self, ckpt: Path) -> None:
@@ -103,7 +106,7 @@ class Coordinator:
             )
 
     def run(self) -> dict:
-        resume_from = self.check()
+        resume_from = self.resume_from if self.checked else self.check()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         for attempt in range(self.cfg.workers.max_restarts + 1):
