@@ -72,7 +72,3 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
         for group, loaded in zip(groups, self.inner.param_groups):
             group.update(loaded)
         self.inner.param_groups = self.param_groups = groups
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state on this rank."""
-        return sum(t.numel() * t.element_size() for s in self.inner.state.values() for t in s.values() if torch.is_tensor(t))

@@ -19,7 +19,7 @@ from distributed.config import TrainConfig, save_config
 from distributed.engine import build_engine
 from distributed.metrics import MetricsLogger
 from distributed.sharded import OwnerShardedOptimizer
-from models.data import TokenData, prepare_tokens
+from models.data import TokenData
 from models.llama import LlamaForCausalLM, llama_config
 from optim import attach_per_layer_step, build_optimizer, warmup_cosine
 
@@ -52,7 +52,7 @@ class Trainer:
             model.compile()  # in place: parameter names stay HF-compatible for checkpoints and export
         self.optimizer = optimizer
         self.engine = build_engine(model, optimizer, warmup_cosine(optimizer, cfg.schedule), cfg)
-        self.data = TokenData(prepare_tokens(cfg.data), cfg.data.seq_len, cfg.data.val_fraction, cfg.data.seed)
+        self.data = TokenData.from_config(cfg.data)  # a cache hit: the coordinator prepared the tokens
         self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
 
     # ---- state (everything a resume needs besides the engine) ----
