@@ -102,14 +102,34 @@ def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torc
     return GradNormLoRP(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, eight_bit=lr.eight_bit)
 
 
+def build_galore_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """galore-torch's GaLoreAdamW (Zhao et al., ICML 2024) on the same targets and rank: the published
+    baseline, for comparisons. Its state holds Python projector objects, so its checkpoints save but
+    cannot be resumed (weights-only loading refuses them)."""
+    try:
+        from galore_torch import GaLoreAdamW
+    except ImportError as e:
+        raise ValueError("optimizer galore_adamw needs the galore-torch package: pip install -e .[bench]") from e
+    lr = cfg.lowrank
+    groups = lowrank_param_groups(
+        ((n, p) for n, p in named_params if p.requires_grad), targets=lr.targets, rank=lr.rank,
+        update_gap=lr.update_gap, scale=lr.scale, weight_decay=cfg.weight_decay,
+    )
+    for group in groups:
+        if "rank" in group:  # galore-torch's names for the same options
+            group.update(update_proj_gap=group["update_gap"], proj_type="std")
+    return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
 OPTIMIZERS: dict[str, Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]] = {
     "adamw": build_adamw,
     "gradnorm_lorp": build_gradnorm_lorp,
+    "galore_adamw": build_galore_adamw,
 }
 
 # Optimizers whose update needs each matrix whole (2-D projections): under data parallelism they run
 # on owner-sharded whole matrices (distributed.sharded), never on DeepSpeed ZeRO's flat partitions.
-WHOLE_MATRIX = {"gradnorm_lorp"}
+WHOLE_MATRIX = {"gradnorm_lorp", "galore_adamw"}
 
 
 def build_optimizer(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
