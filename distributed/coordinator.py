@@ -72,8 +72,9 @@ class Coordinator:
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, resume: bool = False, local: bool = True):
         self.cfg, self.run_dir, self.resume, self.local = cfg, Path(run_dir), resume, local
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.checked = False  # check() passed; self.resume_from is what it found
+        self.checked = False  # check() passed; resume_from and owners are what it found
         self.resume_from: Path | None = None
+        self.owners: dict[str, int] | None = None
 
     def check(self) -> Path | None:
         """Everything that can fail before workers start; returns the checkpoint to resume from."""
@@ -86,6 +87,7 @@ class Coordinator:
         elif self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
             raise RunDirError(f"run directory {self.run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
         prepare_tokens(self.cfg.data)  # corpus and tokenizer problems surface here, and workers hit the cache
+        self.owners = self.ownership_plan()  # builds the optimizer on a meta model: bad ranks/targets fail here
         self.checked, self.resume_from = True, resume_from
         return resume_from
 
@@ -116,7 +118,7 @@ class Coordinator:
             group = WorkerGroup(self.cfg, local=self.local)
             try:
                 (self.run_dir / "workers.json").write_text(json.dumps({"attempt": attempt, "pids": group.pids()}))
-                summary = group.run(self.cfg, self.run_dir, resume_from, self.ownership_plan())
+                summary = group.run(self.cfg, self.run_dir, resume_from, self.owners)
                 break
             except WorkerLost as e:
                 if attempt == self.cfg.workers.max_restarts:

@@ -31,6 +31,10 @@ def snapshot(folder: Path) -> dict[str, str]:
     (["--set", "schedule.max_step=10"], "unknown config key schedule.max_step"),
     (["--set", "data.corpus=/no/such/corpus"], "/no/such/corpus"),
     (["--resume"], "no checkpoint"),
+    (["--set", "optimizer.name=gradnorm_lorp", "--set", "engine.zero_stage=0", "--set", "optimizer.lowrank.rank=64"],
+     "rank 64 must be < min(m, n) = 64"),
+    (["--set", "optimizer.name=gradnorm_lorp", "--set", "engine.zero_stage=0", "--set", "optimizer.lowrank.targets=nothing$"],
+     "nothing$"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
     out = tmp_path / "run"

@@ -64,10 +64,23 @@ def test_resume_with_another_worker_count_is_refused(runs, tmp_path):
         Coordinator(tiny(*GN, *ONE), run_dir, resume=True).check()
 
 
-def test_gradnorm_lorp_refuses_zero_partitions():
+def test_galore_torch_baseline_trains_owner_sharded(runs):
+    """galore-torch fails under ZeRO (flat partitions); on whole owned matrices it trains on 2 workers."""
+    pytest.importorskip("galore_torch")
+    loss = [r["loss"] for r in read_metrics(runs("optimizer.name=galore_adamw", *GN[1:], *TWO))]
+    assert loss[-1] < loss[0] - 2.0
+
+
+@pytest.mark.parametrize("name", ["gradnorm_lorp", "galore_adamw"])
+def test_whole_matrix_optimizers_refuse_zero_partitions(name):
     from launcher.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs engine.zero_stage=0"):
-        tiny(*GN[:1], "engine.zero_stage=2")
+        tiny(f"optimizer.name={name}", "engine.zero_stage=2")
+
+
+def test_per_layer_refuses_clipping():
+    from launcher.config import ConfigError
+
     with pytest.raises(ConfigError, match="set engine.grad_clip=0"):
         tiny(*GN, "optimizer.per_layer=true")
