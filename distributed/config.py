@@ -119,6 +119,11 @@ class TrainConfig:
                 f"batch.micro_batch_size × workers.num_workers ({per_step})"
             )
 
+        if self.run.eval_samples < per_step:
+            raise ValueError(
+                f"run.eval_samples ({self.run.eval_samples}) must be ≥ batch.micro_batch_size × workers.num_workers "
+                f"({per_step}): every worker evaluates at least one micro-batch"
+            )
         if self.owner_sharded and self.engine.zero_stage != 0:
             why = "optimizer.per_layer" if self.optimizer.per_layer else f"optimizer.name={self.optimizer.name} (needs whole matrices)"
             raise ValueError(
