@@ -18,8 +18,11 @@ exactly as AdamW's decay of W; the direction V is scale-free and not decayed. Th
 
     W ← (s/g_old) ⊙ W + ΔV     (W holds V′),    s ← ‖rows of W‖,    W ← (g_new/s) ⊙ W
 
-Groups without `rank` get plain AdamW. State holds tensors only; g, s, basis and moments are float32
-(float64 for float64 weights) whatever the weight's dtype.
+Groups without `rank` get plain AdamW. With eight_bit, the low-rank moments and the plain groups'
+moments of tensors with at least MIN_8BIT_NUMEL elements (embeddings, output head) are held blockwise
+8-bit, as bitsandbytes' 8-bit Adam does. State holds tensors only; g, s and the
+low-rank moments are float32 (float64 for float64 weights) whatever the weight's dtype; the basis is
+stored in the weight's dtype when that is bf16/fp16 (as GaLore does) and used in float32.
 """
 
 import re
@@ -38,6 +41,10 @@ LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
 
 # Options of a low-rank group besides `rank` (GaLore's C4 defaults).
 LOWRANK_DEFAULTS = dict(update_gap=200, scale=0.25, proj_side="auto", power_iters=1, proj_method="range_finder")
+
+# Plain-group (AdamW) tensors smaller than this keep full-precision moments under eight_bit
+# (bitsandbytes' min_8bit_size): norm gains are small and sensitive. Low-rank moments are always 8-bit.
+MIN_8BIT_NUMEL = 4096
 
 # The first basis of every weight is drawn from a generator with this seed, so data-parallel replicas
 # agree on it and runs repeat; later refreshes warm-start from the stored basis and draw nothing.
@@ -64,6 +71,39 @@ def adam_direction(
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
     return exp_avg.div(denom).div_(1 - beta1**step)
+
+
+def _zero_moments(shape: torch.Size, dtype: torch.dtype, device: torch.device, eight_bit: bool) -> dict[str, Tensor]:
+    """Adam's (m, v) for a tensor of `shape`: full precision, or blockwise 8-bit codes + absmax scales
+    (signed map for m, the finer unsigned map for v ≥ 0)."""
+    zeros = torch.zeros(shape, dtype=dtype, device=device)
+    if not eight_bit:
+        return {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+    state = {}
+    for name, signed in _MOMENTS:
+        state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
+    return state
+
+
+_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
+
+
+def _moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tensor:
+    """N = m̂/(√v̂ + ε) of `grad`; 8-bit moments are dequantized, updated and requantized."""
+    if "exp_avg" in state:
+        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
+    m, v = (
+        dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], grad.shape, BLOCK_SIZE, grad.dtype, signed=sg)
+        for k, sg in _MOMENTS
+    )
+    direction = adam_direction(m, v, grad, group["betas"], group["eps"], step)
+    for (k, sg), moment in zip(_MOMENTS, (m, v)):
+        state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
+    return direction
+
+
+def _storage_dtype(p: Tensor) -> torch.dtype:
+    return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else _compute_dtype(p)
 
 
 def _row_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -101,8 +141,8 @@ class GradNormLoRP(torch.optim.Optimizer):
 
     A low-rank group may set `update_gap`, `scale`, `proj_side` ("auto", "left", "right"),
     `power_iters` and `proj_method` ("range_finder", "svd"); see LOWRANK_DEFAULTS. With eight_bit the
-    low-rank moments are held blockwise 8-bit (signed map for m, unsigned for v); g's moments and the
-    AdamW groups stay full precision. `step_param` steps one parameter (per-layer updates, `per_layer`).
+    low-rank moments and plain-group moments of tensors of ≥ MIN_8BIT_NUMEL elements are held blockwise
+    8-bit (signed map for m, unsigned for v); g's moments and small tensors' stay full precision. `step_param` steps one parameter (per-layer updates, `per_layer`).
     """
 
     def __init__(
@@ -163,7 +203,7 @@ class GradNormLoRP(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         state = {"step": torch.tensor(0, dtype=torch.int64)}
         if "rank" not in group:
-            return state | {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            return state | _zero_moments(p.shape, p.dtype, p.device, group["eight_bit"] and p.numel() >= MIN_8BIT_NUMEL)
         dtype = _compute_dtype(p)
         norms = _row_norms(p, dtype)
         if (norms == 0).any():
@@ -177,18 +217,14 @@ class GradNormLoRP(torch.optim.Optimizer):
             "s": norms.clone(),
             "g_exp_avg": torch.zeros_like(norms),
             "g_exp_avg_sq": torch.zeros_like(norms),
-            "basis": torch.zeros(basis_shape, dtype=dtype, device=p.device),
+            # stored in the weight's dtype when that is narrower (bf16), as GaLore does; used in `dtype`
+            "basis": torch.zeros(basis_shape, dtype=_storage_dtype(p), device=p.device),
         }
-        zeros = torch.zeros(low_shape, dtype=dtype, device=p.device)
-        if not group["eight_bit"]:
-            return state | {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
-        for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):  # v ≥ 0: the finer unsigned map
-            state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
-        return state
+        return state | _zero_moments(low_shape, dtype, p.device, group["eight_bit"])
 
     def _adamw_step(self, p: Tensor, group: dict, state: dict) -> None:
         step = int(state["step"])
-        direction = adam_direction(state["exp_avg"], state["exp_avg_sq"], p.grad, group["betas"], group["eps"], step)
+        direction = _moments_direction(state, p.grad, group, step)
         p.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
 
     def _lowrank_step(self, p: Tensor, group: dict, state: dict) -> None:
@@ -197,18 +233,20 @@ class GradNormLoRP(torch.optim.Optimizer):
         grad_g, grad_v = weight_norm_grads(p, p.grad, g, s)
         if (step - 1) % group["update_gap"] == 0:
             cold = step == 1  # before it, state["basis"] holds zeros
-            state["basis"] = refresh_basis(
+            basis = refresh_basis(
                 grad_v,
                 group["rank"],
                 side,
-                prev=None if cold else state["basis"],
+                prev=None if cold else state["basis"].to(grad_v.dtype),
                 power_iters=group["power_iters"],
                 method=group["proj_method"],
                 generator=torch.Generator(p.device).manual_seed(SKETCH_SEED) if cold else None,
             )
-        low = project(grad_v, state["basis"], side)
-        direction = self._lowrank_direction(state, low, group, step)
-        delta_v = project_back(direction, state["basis"], side)
+            state["basis"] = basis.to(state["basis"].dtype)
+        basis = state["basis"].to(grad_v.dtype)
+        low = project(grad_v, basis, side)
+        direction = _moments_direction(state, low, group, step)
+        delta_v = project_back(direction, basis, side)
         del grad_v, low, direction  # free the full-size ∇V before the write-back
 
         g_old = g.clone()
@@ -222,20 +260,6 @@ class GradNormLoRP(torch.optim.Optimizer):
         v.mul_((g / s)[:, None])
         if v is not p:
             p.copy_(v)
-
-    def _lowrank_direction(self, state: dict, low: Tensor, group: dict, step: int) -> Tensor:
-        """N = m̂/(√v̂ + ε) of the projected gradient; 8-bit moments are dequantized, updated and requantized."""
-        if not group["eight_bit"]:
-            return adam_direction(state["exp_avg"], state["exp_avg_sq"], low, group["betas"], group["eps"], step)
-        names = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
-        m, v = (
-            dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], low.shape, BLOCK_SIZE, low.dtype, signed=sg)
-            for k, sg in names
-        )
-        direction = adam_direction(m, v, low, group["betas"], group["eps"], step)
-        for (k, sg), moment in zip(names, (m, v)):
-            state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
-        return direction
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; ours keeps

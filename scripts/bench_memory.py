@@ -193,6 +193,49 @@ def _tensors(value):
         yield from _tensors(list(vars(value).values()))
 
 
+def state_census(spec: dict) -> dict[str, int]:
+    """Optimizer-state bytes of the whole model without holding the model: one real tensor of every
+    distinct (shape, projected?) parameter kind is stepped once on spec's device, and its state bytes are
+    multiplied by how many such parameters the model has. Exact for state that depends only on shapes."""
+    from collections import Counter
+
+    import torch
+
+    from models.llama import LlamaForCausalLM, llama_config
+    from optim.gradnorm_lorp import LLAMA_TARGETS, GradNormLoRP
+
+    class OneParameter(torch.nn.Module):
+        """A module holding one parameter under a LLaMA name, so the optimizer setups treat it as in the model."""
+
+        def __init__(self, name: str, p: torch.nn.Parameter):
+            super().__init__()
+            self.param_name, self.weight = name, p
+
+        def named_parameters(self, *args, **kwargs):
+            yield self.param_name, self.weight
+
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(llama_config(spec["model"]))
+    kinds = Counter((tuple(p.shape), bool(re.search(LLAMA_TARGETS, n))) for n, p in meta.named_parameters())
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    totals = {}
+    for name in spec["optimizers"]:
+        totals[name] = 0
+        for (shape, target), count in kinds.items():
+            p = torch.nn.Parameter(torch.randn(shape, dtype=dtype, device=spec["device"]) * 0.02)
+            param_name = "model.layers.0.self_attn.q_proj.weight" if target else "model.embed_tokens.weight"
+            if name.startswith("gradnorm_lorp"):  # its group builder wants at least one target in the model
+                group = {"params": [p], "rank": spec["rank"]} if target else {"params": [p]}
+                optimizers = [GradNormLoRP([group], lr=LR, eight_bit=name == "gradnorm_lorp8bit")]
+            else:
+                optimizers = SETUPS[name](OneParameter(param_name, p), spec).optimizers
+            p.grad = torch.randn_like(p) * 1e-3
+            for opt in optimizers:  # per-layer hooks never fire here: no backward, a direct step
+                opt.step()
+            totals[name] += state_bytes(optimizers) * count
+    return totals
+
+
 def measure(spec: dict) -> dict:
     import torch
 
@@ -285,6 +328,34 @@ def format_row(r: dict, adamw: dict | None, adamw_bytes: int) -> str:
             f"{100 * r['refresh_overhead']:8.2f}% {ratio}")
 
 
+def print_census(args) -> None:
+    cuda = args.device == "cuda"
+    model = args.model or ("7b" if cuda else "20m")
+    names = [n for n in args.optimizers if cuda or n != "galore8bit"]  # galore-torch's 8-bit path needs CUDA
+    spec = dict(device=args.device, model=model, rank=args.rank or default_rank(model), update_gap=args.update_gap,
+                precision=args.precision or "bf16", optimizers=names)
+    totals = state_census(spec)
+    n_params = _num_params(model)
+    fp32_adamw = 8 * n_params  # two fp32 moments per parameter: AdamW's state in mixed precision
+    print(f"{model} weights {spec['precision']}, rank {spec['rank']}: optimizer-state bytes of the whole model "
+          f"({n_params / 1e9:.3f}B parameters); AdamW with fp32 moments = {fp32_adamw / 2**30:.2f} GiB")
+    print(f"{'optimizer':18s} {'state GiB':>10s} {'vs AdamW (same run)':>20s} {'vs AdamW fp32 moments':>22s}")
+    for name, total in totals.items():
+        same = f"{100 * (total / totals['adamw'] - 1):+.1f}%" if "adamw" in totals else "—"
+        print(f"{name:18s} {total / 2**30:10.2f} {same:>20s} {100 * (total / fp32_adamw - 1):+21.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"spec": spec, "state_bytes": totals, "params": n_params}, indent=1))
+
+
+def _num_params(model_name: str) -> int:
+    import torch
+
+    from models.llama import LlamaForCausalLM, llama_config
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(llama_config(model_name)).num_parameters()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
@@ -301,11 +372,16 @@ def main() -> None:
     p.add_argument("--memory-cap-gib", type=float, default=None, help="CUDA: cap the process's memory; OOM if over")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--state-only", action="store_true",
+                   help="only the optimizer-state bytes of the whole model, measured per parameter kind (state_census)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         report(run_one(json.loads(args.one)))
+        return
+    if args.state_only:
+        print_census(args)
         return
     if min(args.warmup, args.steps, args.refresh_steps, args.update_gap) < 1:
         p.error("--warmup, --steps, --refresh-steps and --update-gap must be >= 1 (warmup draws the first basis)")

@@ -226,7 +226,7 @@ def test_state_keeps_its_dtypes_through_load_for_bf16_weights():
     fresh = make_gradnorm_lorp(model, eight_bit=True)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     state = fresh.state[model[0].weight]
-    assert state["g"].dtype == state["basis"].dtype == torch.float32
+    assert state["g"].dtype == torch.float32 and state["basis"].dtype == torch.bfloat16  # GaLore keeps it in bf16
     assert state["exp_avg_codes"].dtype == torch.uint8
     assert state["step"].dtype == torch.int64 and state["step"].item() == 2
 
@@ -300,3 +300,35 @@ def test_trains_a_small_mlp():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_eight_bit_covers_every_large_moment_and_spares_small_ones():
+    """bitsandbytes-style: the low-rank moments and the plain groups' moments of tensors with
+    ≥ MIN_8BIT_NUMEL elements are 8-bit; small plain tensors (norm gains) and g stay full precision."""
+    from optim.gradnorm_lorp import MIN_8BIT_NUMEL
+
+    embed, proj, norm = (nn.Parameter(torch.randn(*shape)) for shape in ((512, 16), (96, 64), (16,)))
+    groups = [{"params": [proj], "rank": 8}, {"params": [embed, norm]}]
+    opt = GradNormLoRP(groups, lr=1e-3, eight_bit=True)
+    for p in (embed, proj, norm):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert embed.numel() >= MIN_8BIT_NUMEL > norm.numel()
+    assert opt.state[embed]["exp_avg_codes"].dtype == torch.uint8 and "exp_avg" not in opt.state[embed]
+    assert opt.state[proj]["exp_avg_sq_codes"].dtype == torch.uint8
+    assert opt.state[norm]["exp_avg"].dtype == torch.float32 and opt.state[proj]["g_exp_avg"].dtype == torch.float32
+
+
+def test_eight_bit_plain_group_stays_close_to_adamw():
+    """The 8-bit plain-group update stays within the quantization tolerance of AdamW's (as for the
+    low-rank moments, test_eight_bit_stays_close_to_32_bit)."""
+    tol = 6 * (max_error(True) + max_error(False) / 2)
+    w0 = torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    eight, full = GradNormLoRP([a], lr=1e-2, eight_bit=True), GradNormLoRP([b], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        grad = torch.randn(128, 64, generator=gen)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        eight.step(), full.step()
+    assert (a - b).norm() <= tol * (b - w0).norm()
