@@ -154,6 +154,7 @@ class Trainer:
                     tokens=self.tokens,
                     tokens_per_s=(self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9),
                     elapsed_s=time.perf_counter() - start,
+                    peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
                 )
             if self.step % run.eval_interval == 0 or last:
                 val_loss = self.evaluate()
@@ -170,6 +171,15 @@ class Trainer:
             self.logger.close()
             progress.close()
         return summary
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this worker so far: allocated on the GPU, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _progress_bar(initial: int, total: int):

@@ -29,7 +29,12 @@ class TrainWorker:
             return host, s.getsockname()[1]
 
     def run(self, cfg, run_dir: str, master: tuple[str, int], resume_from: str | None, owners: dict | None) -> dict:
+        import warnings
+
         import torch
+
+        # DeepSpeed calls torch.distributed's deprecated all_gather_into_tensor at every step
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
         # DeepSpeed reads these even when a process group exists (else it tries MPI discovery).
         os.environ.update(

@@ -131,7 +131,8 @@ def measure_curvtrain(spec: dict) -> dict:
     seconds = (t1 - t0) / spec["steps"]
     from models.llama import llama_config
 
-    return {"step_ms": 1000 * seconds, "tokens_per_s": spec["batch"] * spec["seq"] / seconds, "peak_gib": float("nan"),
+    return {"step_ms": 1000 * seconds, "tokens_per_s": spec["batch"] * spec["seq"] / seconds,
+            "peak_gib": records[-1]["peak_memory_gib"],  # the worker's (rank 0's) own peak
             "flops_per_token": _flops(llama_config(spec["model"]), spec["seq"])}
 
 

@@ -36,6 +36,17 @@ def test_per_layer_updates_on_two_workers_equal_the_ordinary_step(runs):
     assert max_diff(weights(ordinary), weights(per_layer)) <= 1e-5
 
 
+def test_per_layer_with_accumulation_on_two_workers_equals_the_ordinary_step(runs):
+    """Micro-batches of 2, accumulation 2, 2 workers: each gradient is kept until its last micro-batch,
+    then reduced to its owner and stepped inside backward — the same weights as stepping after backward
+    (same micro-batch shapes, so the same rounding)."""
+    geometry = (*TWO, "batch.micro_batch_size=2", "engine.grad_clip=0")
+    assert tiny(*GN, *geometry).grad_accum == 2
+    ordinary = runs(*GN, *geometry)
+    per_layer = runs(*GN, *geometry, "optimizer.per_layer=true")
+    assert max_diff(weights(ordinary), weights(per_layer)) <= 1e-6
+
+
 def test_optimizer_state_per_worker_is_half(runs):
     one = runs(*GN, *ONE) / "checkpoints" / "step_00000020"
     two = runs(*GN, *TWO) / "checkpoints" / "step_00000020"
