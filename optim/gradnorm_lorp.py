@@ -282,6 +282,7 @@ def lowrank_param_groups(
     scale: float,
     proj_side: str = "auto",
     power_iters: int = 1,
+    proj_method: str = "range_finder",
     weight_decay: float = 0.0,
 ) -> list[dict]:
     """Two param groups, both with `weight_decay`: trainable parameters whose name matches the regex
@@ -301,6 +302,6 @@ def lowrank_param_groups(
         raise ValueError(f"the low-rank target rule {targets!r} matches no trainable parameter")
     groups = [
         dict(params=lowrank, rank=rank, update_gap=update_gap, scale=scale, proj_side=proj_side,
-             power_iters=power_iters, weight_decay=weight_decay)
+             power_iters=power_iters, proj_method=proj_method, weight_decay=weight_decay)
     ]
     return groups + ([dict(params=plain, weight_decay=weight_decay)] if plain else [])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
+from optim.projector import METHODS
 
 
 
@@ -33,6 +34,8 @@ class LowRankConfig:
     """"auto" (right basis if m ≥ n, else left), "left" or "right"."""
     power_iters: int = 1
     """Power iterations of the randomized range finder at each refresh."""
+    proj_method: str = LOWRANK_DEFAULTS["proj_method"]
+    """How the basis is refreshed: "range_finder" (sketch + QR) or "svd" (GaLore's full SVD, for comparison)."""
     targets: str = LLAMA_TARGETS
     """Regular expression on parameter names selecting the projected 2-D weights."""
     eight_bit: bool = False
@@ -49,6 +52,8 @@ class LowRankConfig:
             raise ValueError(f"proj_side must be 'auto', 'left' or 'right', got {self.proj_side!r}")
         if self.power_iters < 0:
             raise ValueError(f"power_iters must be ≥ 0, got {self.power_iters}")
+        if self.proj_method not in METHODS:
+            raise ValueError(f"proj_method must be one of {METHODS}, got {self.proj_method!r}")
 
 
 @dataclass(kw_only=True)
@@ -97,7 +102,7 @@ def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torc
     groups = lowrank_param_groups(
         ((n, p) for n, p in named_params if p.requires_grad), targets=lr.targets, rank=lr.rank,
         update_gap=lr.update_gap, scale=lr.scale, proj_side=lr.proj_side, power_iters=lr.power_iters,
-        weight_decay=cfg.weight_decay,
+        proj_method=lr.proj_method, weight_decay=cfg.weight_decay,
     )
     return GradNormLoRP(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, eight_bit=lr.eight_bit)
 

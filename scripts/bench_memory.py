@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.benchlib import cuda_available, report, run_isolated  # noqa: E402
+from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated  # noqa: E402
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
 LOWRANK = ("galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
@@ -367,18 +367,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--refresh-steps", type=int, default=1, help="forced refresh steps timed (each is one refresh)")
-    p.add_argument("--precision", default=None, help="bf16 (cuda default) or fp32 (cpu default)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="CUDA: cap the process's memory; OOM if over")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--state-only", action="store_true",
                    help="only the optimizer-state bytes of the whole model, measured per parameter kind (state_census)")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--one", help=argparse.SUPPRESS)
+    add_common_args(p, threads_help="torch threads on CPU")
     args = p.parse_args()
-    if args.one:
-        report(run_one(json.loads(args.one)))
+    if run_child(args, run_one):
         return
     if args.state_only:
         print_census(args)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.benchlib import cuda_available, report, run_isolated  # noqa: E402
+from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated  # noqa: E402
 
 
 def cpu_peak_flops() -> float:
@@ -154,16 +154,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[256])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", default=None, help="bf16 (cuda default) or fp32 (cpu default)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (a curvtrain worker's cpus_per_worker)")
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--impls", nargs="+", default=["ours", "hf", "curvtrain"])
     p.add_argument("--compile", nargs="+", default=["eager", "compile"])
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--one", help=argparse.SUPPRESS)
+    add_common_args(p, threads_help="torch threads on CPU (a curvtrain worker's cpus_per_worker)")
     args = p.parse_args()
-    if args.one:
-        report(run_one(json.loads(args.one)))
+    if run_child(args, run_one):
         return
     cuda = args.device == "cuda"
     model = args.model or ("1b" if cuda else "20m")

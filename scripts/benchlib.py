@@ -2,6 +2,7 @@
 result handed back as one `RESULT {json}` line."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -24,6 +25,21 @@ def run_isolated(script: str, spec: dict) -> tuple[dict | None, str]:
 def report(result: dict) -> None:
     """The child's side: print the result line `run_isolated` reads."""
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def add_common_args(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """Options every benchmark takes, and the hidden `--one SPEC` of its child processes."""
+    p.add_argument("--precision", default=None, help="bf16 (cuda default) or fp32 (cpu default)")
+    p.add_argument("--threads", type=int, default=1, help=threads_help)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+
+
+def run_child(args: argparse.Namespace, run_one) -> bool:
+    """In a child process (`--one SPEC`): run the one measurement, report it and say True."""
+    if args.one:
+        report(run_one(json.loads(args.one)))
+    return bool(args.one)
 
 
 def cuda_available() -> bool:
