@@ -2,10 +2,14 @@
 rank, each at a few learning rates, all through `curvtrain pretrain` (same model init, same data order,
 same schedule, same workers) — only the optimizer differs.
 
-    python scripts/bench_convergence.py --model 20m --steps 120 --rank 64 --out docs/convergence
+    python scripts/bench_convergence.py --model 20m --steps 120 --rank 64 --seeds 0 1 2 --out docs/convergence
 
+Protocol: every learning rate of GRID is run at the first seed (model init and data order); each
+optimizer's best learning rate there is then run again at the other seeds, and optimizers are compared
+by the mean validation loss over all seeds at their tuned learning rate (the tuning seed included).
 Writes OUT.json (every run's final validation loss and curves) and OUT.png (loss curves of each
-optimizer's best learning rate), and prints a markdown table.
+optimizer's tuned learning rate, first seed), and prints markdown tables. Runs already in OUT.json
+with the same settings are reused, so a grid can be extended without repeating it.
 """
 from __future__ import annotations
 
@@ -18,10 +22,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GRID = {"adamw": [1e-3, 3e-3, 1e-2], "gradnorm_lorp": [3e-3, 1e-2, 3e-2], "galore_adamw": [3e-3, 1e-2, 3e-2]}
+GRID = {
+    "adamw": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
+    "gradnorm_lorp": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
+    "galore_adamw": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
+}
+# Settings that make runs comparable (and reusable from an earlier OUT.json).
+SETTINGS = ("model", "steps", "seq", "batch", "workers", "rank", "update_gap", "eval_interval", "eval_samples")
 
 
-def train(args, optimizer: str, lr: float) -> dict:
+def train(args, optimizer: str, lr: float, seed: int) -> dict:
     from distributed.config import TrainConfig
     from distributed.coordinator import Coordinator
     from distributed.metrics import read_metrics
@@ -35,13 +45,13 @@ def train(args, optimizer: str, lr: float) -> dict:
         f"optimizer.lowrank.rank={args.rank}", f"optimizer.lowrank.update_gap={args.update_gap}",
         f"schedule.max_steps={args.steps}", f"schedule.warmup_steps={args.steps // 10}",
         f"run.eval_interval={args.eval_interval}", f"run.eval_samples={args.eval_samples}",
-        f"run.checkpoint_interval={args.steps}", "run.log_interval=1",
+        f"run.checkpoint_interval={args.steps}", "run.log_interval=1", f"run.seed={seed}", f"data.seed={seed}",
     ])
     with tempfile.TemporaryDirectory() as run_dir:
         Coordinator(cfg, Path(run_dir)).run()
         records = read_metrics(Path(run_dir))
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    return {"optimizer": optimizer, "lr": lr, "val_loss": val[-1][1], "val_ppl": math.exp(val[-1][1]),
+    return {"optimizer": optimizer, "lr": lr, "seed": seed, "val_loss": val[-1][1], "val_ppl": math.exp(val[-1][1]),
             "train": [(r["step"], r["loss"]) for r in records], "val": val,
             "tokens": records[-1]["tokens"], "tokens_per_s": records[-1]["tokens_per_s"]}
 
@@ -76,29 +86,51 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=20)
     p.add_argument("--eval-samples", type=int, default=96)
     p.add_argument("--optimizers", nargs="+", default=list(GRID), choices=list(GRID))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="the first tunes the learning rate")
     p.add_argument("--out", default="docs/convergence")
     args = p.parse_args()
 
     from launcher.cluster import connect
 
+    out = Path(f"{args.out}.json")
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    cached = {_key(r): r for r in previous.get("runs", []) if previous.get("settings") == settings}
     connect(None, num_cpus_needed=args.workers)
-    runs = []
+    runs: list[dict] = []
+
+    def run(optimizer: str, lr: float, seed: int) -> dict:
+        r = cached.get((optimizer, lr, seed)) or train(args, optimizer, lr, seed)
+        runs.append(r)
+        print(f"{optimizer:14s} lr {lr:<6g} seed {seed} val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})", flush=True)
+        out.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
+        return r
+
+    tuned = {}
     for optimizer in args.optimizers:
-        for lr in GRID[optimizer]:
-            runs.append(train(args, optimizer, lr))
-            r = runs[-1]
-            print(f"{optimizer:14s} lr {lr:<6g} val_loss {r['val_loss']:.4f} (ppl {r['val_ppl']:.1f})", flush=True)
-            Path(f"{args.out}.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    best = {}
-    for r in runs:
-        if r["optimizer"] not in best or r["val_loss"] < best[r["optimizer"]]["val_loss"]:
-            best[r["optimizer"]] = r
-    plot(best, Path(f"{args.out}.png"))
-    print("\n| optimizer | " + " | ".join(f"lr {lr:g}" for lr in sorted({r['lr'] for r in runs})) + " | best val ppl |")
-    for name in best:
-        cells = {r["lr"]: f"{r['val_ppl']:.1f}" for r in runs if r["optimizer"] == name}
-        print(f"| {name} | " + " | ".join(cells.get(lr, "—") for lr in sorted({r['lr'] for r in runs}))
-              + f" | {best[name]['val_ppl']:.1f} |")
+        sweep = [run(optimizer, lr, args.seeds[0]) for lr in GRID[optimizer]]
+        tuned[optimizer] = min(sweep, key=lambda r: r["val_loss"])
+        for seed in args.seeds[1:]:
+            run(optimizer, tuned[optimizer]["lr"], seed)
+    plot(tuned, Path(f"{args.out}.png"))
+
+    lrs = sorted({r["lr"] for r in runs})
+    print(f"\nlearning-rate sweep, seed {args.seeds[0]}: validation perplexity")
+    print("| optimizer | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
+    for name in tuned:
+        cells = {r["lr"]: f"{r['val_ppl']:.1f}" for r in runs if r["optimizer"] == name and r["seed"] == args.seeds[0]}
+        print(f"| {name} | " + " | ".join(cells.get(lr, "—") for lr in lrs) + " |")
+    print(f"\nat the tuned learning rate, seeds {args.seeds}: validation loss")
+    print("| optimizer | lr | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean loss | mean ppl |")
+    for name, best in tuned.items():
+        losses = [r["val_loss"] for r in runs if r["optimizer"] == name and r["lr"] == best["lr"]]
+        mean = sum(losses) / len(losses)
+        print(f"| {name} | {best['lr']:g} | " + " | ".join(f"{x:.4f}" for x in losses)
+              + f" | {mean:.4f} | {math.exp(mean):.1f} |")
+
+
+def _key(run: dict) -> tuple[str, float, int]:
+    return run["optimizer"], run["lr"], run.get("seed", 0)
 
 
 if __name__ == "__main__":
