@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
+
+from models.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -44,12 +45,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_manifest(ckpt_dir: Path, *, step: int, world_size: int, zero_stage: int) -> None:
     """Seal a checkpoint all ranks have finished writing, then point LATEST at it (rank 0 only)."""
     files = {
@@ -58,8 +53,8 @@ def write_manifest(ckpt_dir: Path, *, step: int, world_size: int, zero_stage: in
         if p.is_file() and p.name != MANIFEST
     }
     manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
-    _write_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
-    _write_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)
+    write_text_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
+    write_text_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)
 
 
 def validate(ckpt_dir: Path) -> dict:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
+
+from models.files import write_text_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -28,6 +31,16 @@ class MetricsLogger:
         self.tb.close()
 
 
+def peak_memory_bytes(device) -> int:
+    """Peak memory of this process so far on `device` (a torch.device): allocated on a GPU (since the
+    last reset of its peak statistics), else the process's peak RSS."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
@@ -40,9 +53,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     path = Path(run_dir) / METRICS
     if path.is_file():
         kept = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_losses(run_dir: Path) -> Path:

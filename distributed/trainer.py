@@ -17,7 +17,7 @@ import torch.distributed as dist
 from distributed import checkpoint
 from distributed.config import TrainConfig, save_config
 from distributed.engine import build_engine
-from distributed.metrics import MetricsLogger
+from distributed.metrics import MetricsLogger, peak_memory_bytes
 from distributed.sharded import OwnerShardedOptimizer
 from models.data import TokenData
 from models.llama import LlamaForCausalLM, llama_config
@@ -171,15 +171,6 @@ class Trainer:
             self.logger.close()
             progress.close()
         return summary
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this worker so far: allocated on the GPU, or the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _progress_bar(initial: int, total: int):

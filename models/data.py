@@ -25,20 +25,19 @@ disjoint chunks, and 1 worker with grad_accum=2 sees the same global batch as 2 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from models.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_documents
+from models.files import atomic_file
 from models.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 
 # Bump when the token file layout (dtype, document separators) changes, so caches are rebuilt.
@@ -105,7 +104,7 @@ def _tokenize(corpus: str, tokenizer: Tokenizer, out_dir: Path) -> None:
         raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the {TOKEN_DTYPE.__name__} token file")
     out_dir.mkdir(parents=True, exist_ok=True)
     num_tokens = num_docs = 0
-    with _atomic_file(out_dir / "tokens.bin") as f:
+    with atomic_file(out_dir / "tokens.bin") as f:
         for docs in _batches(iter_documents(corpus), ENCODE_BATCH_DOCS):
             for ids in tokenizer.encode_batch(docs):
                 ids.append(tokenizer.eos_id)
@@ -120,22 +119,8 @@ def _tokenize(corpus: str, tokenizer: Tokenizer, out_dir: Path) -> None:
         "corpus": corpus,
         "tokenizer": str(tokenizer.model_path),
     }
-    with _atomic_file(out_dir / "meta.json") as f:
+    with atomic_file(out_dir / "meta.json") as f:
         f.write(json.dumps(meta, indent=2).encode())
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside `path`, open for binary writing: moved onto `path` when the block completes,
-    deleted when it raises."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -5,4 +5,6 @@ from optim.registry import OPTIMIZERS, WHOLE_MATRIX, LowRankConfig, OptimizerCon
 from optim.schedule import ScheduleConfig, warmup_cosine
 
 __all__ = [
-    "GradNormLoRP", "WHOLE_MATRIX", "attach_per_layer_step","OPTIMIZERS", "LowRankConfig", "OptimizerConfig", "ScheduleConfig", "build_optimizer", "warmup_cosine"]
+    "OPTIMIZERS", "WHOLE_MATRIX", "GradNormLoRP", "LowRankConfig", "OptimizerConfig", "ScheduleConfig",
+    "attach_per_layer_step", "build_optimizer", "warmup_cosine",
+]

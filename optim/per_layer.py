@@ -16,7 +16,7 @@ needs all gradients at once (global-norm clipping, a finite check) cannot be com
 """
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -37,17 +37,17 @@ class PerLayerHandle:
 class _StepAfterAccumulation:
     """Post-accumulate-grad hook: every `every`-th call, step `p` and free its gradient."""
 
-    def __init__(self, step_one: Callable[[Tensor, dict], None], group: dict, every: int):
-        self.step_one, self.group, self.every, self.calls = step_one, group, every, 0
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dict, every: int):
+        self.optimizer, self.group, self.every, self.calls = optimizer, group, every, 0
 
     def __call__(self, p: Tensor) -> None:
         self.calls += 1
         if self.calls % self.every == 0:
-            self.step_one(p, self.group)
+            step_one_param(self.optimizer, p, self.group)
             p.grad = None
 
 
-_LOCK = threading.Lock()
+_LOCK = threading.Lock()  # autograd may run hooks of parameters on different devices in different threads
 
 
 def step_one_param(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> None:
@@ -55,12 +55,12 @@ def step_one_param(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> 
     if hasattr(optimizer, "step_param"):
         optimizer.step_param(p, group)
     else:
-        _narrowed_step(optimizer, _LOCK, p, group)
+        _narrowed_step(optimizer, p, group)
 
 
-def _narrowed_step(optimizer: torch.optim.Optimizer, lock: threading.Lock, p: Tensor, group: dict) -> None:
+def _narrowed_step(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> None:
     """optimizer.step() with every param group emptied except `group`, which holds only `p`."""
-    with lock:  # autograd may run hooks of parameters on different devices in different threads
+    with _LOCK:
         saved = [g["params"] for g in optimizer.param_groups]
         for g in optimizer.param_groups:
             g["params"] = [p] if g is group else []
@@ -82,13 +82,12 @@ def attach_per_layer_step(
         raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
     params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-    step_one = lambda p, group: step_one_param(optimizer, p, group)  # noqa: E731
     hooks = []
     for p in params:
         if not p.requires_grad:
             continue
         if p not in group_of:
             raise ValueError(f"parameter of shape {tuple(p.shape)} is trainable but not in the optimizer")
-        hook = _StepAfterAccumulation(step_one, group_of[p], accumulation_steps)
+        hook = _StepAfterAccumulation(optimizer, group_of[p], accumulation_steps)
         hooks.append(p.register_post_accumulate_grad_hook(hook))
     return PerLayerHandle(hooks)

@@ -43,15 +43,14 @@ import argparse
 import json
 import math
 import re
-import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated  # noqa: E402
+from distributed.metrics import peak_memory_bytes  # noqa: E402
+from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated, timed_ms  # noqa: E402
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
 LOWRANK = ("galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
@@ -240,15 +239,13 @@ def measure(spec: dict) -> dict:
     import torch
 
     device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
-    if cuda and spec["memory_cap_gib"]:
+    if device.type == "cuda" and spec["memory_cap_gib"]:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * 2**30 / total), device)
     torch.manual_seed(0)
     model = build_model(spec)
     setup = SETUPS[spec["optimizer"]](model, spec)
     x = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"] + 1), device=device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step():
         model(x[:, :-1], x[:, 1:]).backward()
@@ -257,22 +254,14 @@ def measure(spec: dict) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-    def timed_ms(n: int) -> float:
-        sync()
-        t = time.perf_counter()
-        for _ in range(n):
-            step()
-        sync()
-        return 1000 * (time.perf_counter() - t) / n
-
-    timed_ms(spec["warmup"])  # the first step draws the first basis
+    timed_ms(step, spec["warmup"], device)  # the first step draws the first basis
     if setup.set_gap:
         setup.set_gap(NO_REFRESH)
-    steady_ms = timed_ms(spec["steps"])
+    steady_ms = timed_ms(step, spec["steps"], device)
     result = {"steady_ms": steady_ms, "refresh_ms": None, "amortized_ms": steady_ms}
     if setup.set_gap:
         setup.set_gap(1)
-        result["refresh_ms"] = timed_ms(spec["refresh_steps"])
+        result["refresh_ms"] = timed_ms(step, spec["refresh_steps"], device)
         result["amortized_ms"] = steady_ms + (result["refresh_ms"] - steady_ms) / spec["update_gap"]
         setup.set_gap(spec["update_gap"])
     result["refresh_overhead"] = result["amortized_ms"] / steady_ms - 1
@@ -280,14 +269,8 @@ def measure(spec: dict) -> dict:
     result["tokens_per_s"] = tokens / (steady_ms / 1000)
     result["amortized_tokens_per_s"] = tokens / (result["amortized_ms"] / 1000)
     result["state_bytes"] = state_bytes(setup.optimizers)
-    result["peak_bytes"] = _peak_bytes(cuda)
+    result["peak_bytes"] = peak_memory_bytes(device)
     return result
-
-
-def _peak_bytes(cuda: bool) -> int:
-    import torch
-
-    return torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_one(spec: dict) -> dict:
@@ -297,7 +280,7 @@ def run_one(spec: dict) -> dict:
     try:
         return measure(spec)
     except torch.OutOfMemoryError:
-        return {"oom": True, "peak_bytes": _peak_bytes(spec["device"] == "cuda")}
+        return {"oom": True, "peak_bytes": peak_memory_bytes(torch.device(spec["device"]))}
 
 
 def adamw_state_bytes(spec: dict) -> int:

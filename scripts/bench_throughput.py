@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated  # noqa: E402
+from distributed.metrics import peak_memory_bytes  # noqa: E402
+from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated, timed_ms  # noqa: E402
 
 
 def cpu_peak_flops() -> float:
@@ -70,7 +70,6 @@ def measure_plain(spec: dict) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batch, seq = spec["batch"], spec["seq"]
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         loss = step_loss(x, x)
@@ -78,20 +77,12 @@ def measure_plain(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(spec["warmup"]):
-        step()
-    sync()
+    timed_ms(step, spec["warmup"], device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(spec["steps"]):
-        step()
-    sync()
-    seconds = (time.perf_counter() - t) / spec["steps"]
-    flops = _flops(cfg, seq)
-    peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"step_ms": 1000 * seconds, "tokens_per_s": batch * seq / seconds, "peak_gib": peak_mem / 2**30,
-            "flops_per_token": flops}
+    step_ms = timed_ms(step, spec["steps"], device)
+    return {"step_ms": step_ms, "tokens_per_s": batch * seq / (step_ms / 1000),
+            "peak_gib": peak_memory_bytes(device) / 2**30, "flops_per_token": _flops(cfg, seq)}
 
 
 def _flops(cfg, seq: int) -> float:

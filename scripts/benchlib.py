@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,19 @@ def run_child(args: argparse.Namespace, run_one) -> bool:
     if args.one:
         report(run_one(json.loads(args.one)))
     return bool(args.one)
+
+
+def timed_ms(step, n: int, device) -> float:
+    """Mean wall-clock milliseconds of `n` calls of `step()` on `device`, GPU work included."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return 1000 * (time.perf_counter() - t) / n
 
 
 def cuda_available() -> bool:
