@@ -19,7 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
-from models.files import write_text_atomic
+from curvtrain.models.files import write_text_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"

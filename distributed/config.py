@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.data import DataConfig
-from models.llama import LLAMA_CONFIGS
-from optim import WHOLE_MATRIX, OptimizerConfig, ScheduleConfig
+from curvtrain.models.data import DataConfig
+from curvtrain.models.llama import LLAMA_CONFIGS
+from curvtrain.optim import WHOLE_MATRIX, OptimizerConfig, ScheduleConfig
 
 
 @dataclass(kw_only=True)

@@ -15,13 +15,13 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from distributed import checkpoint
-from distributed.config import TrainConfig, save_config
-from distributed.metrics import plot_losses, truncate_metrics
-from distributed.ownership import plan_for
-from distributed.trainer import build_model_and_optimizer
-from distributed.worker import TrainWorker
-from models.data import prepare_tokens
+from curvtrain.distributed import checkpoint
+from curvtrain.distributed.config import TrainConfig, save_config
+from curvtrain.distributed.metrics import plot_losses, truncate_metrics
+from curvtrain.distributed.ownership import plan_for
+from curvtrain.distributed.trainer import build_model_and_optimizer
+from curvtrain.distributed.worker import TrainWorker
+from curvtrain.models.data import prepare_tokens
 
 
 class RunDirError(ValueError):

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from distributed.config import TrainConfig
+from curvtrain.distributed.config import TrainConfig
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:

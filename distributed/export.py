@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from distributed import checkpoint
-from distributed.config import TrainConfig
+from curvtrain.distributed import checkpoint
+from curvtrain.distributed.config import TrainConfig
 
 
 def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -23,9 +23,9 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(ckpt_dir: Path, cfg: TrainConfig, out_dir: Path) -> Path:
     """Write model.safetensors + config.json + tokenizer files that `LlamaForCausalLM.from_pretrained` reads."""
-    from models.hf import export_hf
-    from models.llama import llama_config
-    from models.tokenizer import Tokenizer
+    from curvtrain.models.hf import export_hf
+    from curvtrain.models.llama import llama_config
+    from curvtrain.models.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

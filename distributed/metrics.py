@@ -5,7 +5,7 @@ import json
 import resource
 from pathlib import Path
 
-from models.files import write_text_atomic
+from curvtrain.models.files import write_text_atomic
 
 METRICS = "metrics.jsonl"
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from optim.per_layer import step_one_param
+from curvtrain.optim.per_layer import step_one_param
 
 
 class OwnerShardedOptimizer(torch.optim.Optimizer):

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distributed import checkpoint
-from distributed.config import TrainConfig, save_config
-from distributed.engine import build_engine
-from distributed.metrics import MetricsLogger, peak_memory_bytes
-from distributed.sharded import OwnerShardedOptimizer
-from models.data import TokenData
-from models.llama import LlamaForCausalLM, llama_config
-from optim import attach_per_layer_step, build_optimizer, warmup_cosine
+from curvtrain.distributed import checkpoint
+from curvtrain.distributed.config import TrainConfig, save_config
+from curvtrain.distributed.engine import build_engine
+from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
+from curvtrain.distributed.sharded import OwnerShardedOptimizer
+from curvtrain.models.data import TokenData
+from curvtrain.models.llama import LlamaForCausalLM, llama_config
+from curvtrain.optim import attach_per_layer_step, build_optimizer, warmup_cosine
 
 
 def build_model_and_optimizer(cfg: TrainConfig) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:

@@ -51,7 +51,7 @@ class TrainWorker:
         if self.use_gpu:
             torch.cuda.set_device(device)
 
-        from distributed.trainer import Trainer
+        from curvtrain.distributed.trainer import Trainer
 
         trainer = Trainer(cfg, Path(run_dir), device, owners)
         if resume_from is not None:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.config import ConfigError, load_config
+from curvtrain.launcher.config import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def pretrain(args) -> int:
-    from distributed.config import TrainConfig
+    from curvtrain.distributed.config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.resume and not args.out:
@@ -42,8 +42,8 @@ def pretrain(args) -> int:
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    from distributed.coordinator import Coordinator
-    from launcher.cluster import connect
+    from curvtrain.distributed.coordinator import Coordinator
+    from curvtrain.launcher.cluster import connect
 
     coordinator = Coordinator(cfg, run_dir, resume=args.resume)
     coordinator.check()  # before Ray starts: run dir, checkpoint, corpus
@@ -64,9 +64,9 @@ def pretrain(args) -> int:
 
 
 def export(args) -> int:
-    from distributed import checkpoint
-    from distributed.config import TrainConfig
-    from distributed.export import export_checkpoint
+    from curvtrain.distributed import checkpoint
+    from curvtrain.distributed.config import TrainConfig
+    from curvtrain.distributed.export import export_checkpoint
 
     ckpt = checkpoint.resolve(Path(args.source))
     cfg = load_config(TrainConfig, ckpt / "config.yaml")
@@ -77,7 +77,7 @@ def export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from distributed.checkpoint import CheckpointError
+    from curvtrain.distributed.checkpoint import CheckpointError
 
     try:
         return {"pretrain": pretrain, "export": export}[args.command](args)

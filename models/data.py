@@ -36,9 +36,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from models.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_documents
-from models.files import atomic_file
-from models.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from curvtrain.models.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_documents
+from curvtrain.models.files import atomic_file
+from curvtrain.models.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 
 # Bump when the token file layout (dtype, document separators) changes, so caches are rebuilt.
 FORMAT_VERSION = 1

@@ -27,7 +27,7 @@ import sentencepiece
 import torch
 from safetensors.torch import save_file
 
-from models.llama import LlamaConfig
+from curvtrain.models.llama import LlamaConfig
 
 
 def hf_config_dict(cfg: LlamaConfig, *, bos_token_id: int, eos_token_id: int, torch_dtype: str = "float32") -> dict:

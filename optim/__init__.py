@@ -1,8 +1,8 @@
 """Optimizers and estimators: pure torch on local tensors, no process groups."""
-from optim.gradnorm_lorp import GradNormLoRP
-from optim.per_layer import attach_per_layer_step
-from optim.registry import OPTIMIZERS, WHOLE_MATRIX, LowRankConfig, OptimizerConfig, build_optimizer
-from optim.schedule import ScheduleConfig, warmup_cosine
+from curvtrain.optim.gradnorm_lorp import GradNormLoRP
+from curvtrain.optim.per_layer import attach_per_layer_step
+from curvtrain.optim.registry import OPTIMIZERS, WHOLE_MATRIX, LowRankConfig, OptimizerConfig, build_optimizer
+from curvtrain.optim.schedule import ScheduleConfig, warmup_cosine
 
 __all__ = [
     "OPTIMIZERS", "WHOLE_MATRIX", "GradNormLoRP", "LowRankConfig", "OptimizerConfig", "ScheduleConfig",

@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
-from optim.projector import METHODS
+from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
+from curvtrain.optim.projector import METHODS
 
 
 

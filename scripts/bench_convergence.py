@@ -32,10 +32,10 @@ SETTINGS = ("model", "steps", "seq", "batch", "workers", "rank", "update_gap", "
 
 
 def train(args, optimizer: str, lr: float, seed: int) -> dict:
-    from distributed.config import TrainConfig
-    from distributed.coordinator import Coordinator
-    from distributed.metrics import read_metrics
-    from launcher.config import load_config
+    from curvtrain.distributed.config import TrainConfig
+    from curvtrain.distributed.coordinator import Coordinator
+    from curvtrain.distributed.metrics import read_metrics
+    from curvtrain.launcher.config import load_config
 
     cfg = load_config(TrainConfig, None, [
         f"model.name={args.model}", f"data.seq_len={args.seq}",
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--out", default="docs/convergence")
     args = p.parse_args()
 
-    from launcher.cluster import connect
+    from curvtrain.launcher.cluster import connect
 
     out = Path(f"{args.out}.json")
     settings = {k: getattr(args, k) for k in SETTINGS}

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distributed.metrics import peak_memory_bytes  # noqa: E402
+from curvtrain.distributed.metrics import peak_memory_bytes  # noqa: E402
 from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated, timed_ms  # noqa: E402
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
@@ -60,7 +60,7 @@ NO_REFRESH = 10**9  # a refresh gap no run reaches: steady steps never refresh t
 
 def default_rank(model_name: str) -> int:
     """GaLore's ranks: 1024 at 7b, 512 at 1b; a quarter of the width otherwise."""
-    from models.llama import llama_config
+    from curvtrain.models.llama import llama_config
 
     return {"7b": 1024, "1b": 512}.get(model_name, llama_config(model_name).hidden_size // 4)
 
@@ -94,7 +94,7 @@ def setup_galore8bit(model, spec: dict) -> Setup:
     import bitsandbytes as bnb
     from galore_torch import GaLoreAdamW8bit
 
-    from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS
+    from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS
 
     per_param = {}
     for name, p in model.named_parameters():
@@ -123,8 +123,8 @@ def setup_galore8bit(model, spec: dict) -> Setup:
 
 
 def setup_gradnorm_lorp(model, spec: dict, eight_bit: bool) -> Setup:
-    from optim import GradNormLoRP, attach_per_layer_step
-    from optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, lowrank_param_groups
+    from curvtrain.optim import GradNormLoRP, attach_per_layer_step
+    from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, lowrank_param_groups
 
     groups = lowrank_param_groups(model.named_parameters(), targets=LLAMA_TARGETS, rank=spec["rank"],
                                   update_gap=spec["update_gap"], scale=LOWRANK_DEFAULTS["scale"])
@@ -153,7 +153,7 @@ def build_model(spec: dict):
     """Our LLaMA built on the device directly in the target dtype: fp32 7b weights (27 GB) never exist."""
     import torch
 
-    from models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     torch.set_default_dtype(dtype)  # for the parameters' construction and init only
@@ -200,8 +200,8 @@ def state_census(spec: dict) -> dict[str, int]:
 
     import torch
 
-    from models.llama import LlamaForCausalLM, llama_config
-    from optim.gradnorm_lorp import LLAMA_TARGETS, GradNormLoRP
+    from curvtrain.models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, GradNormLoRP
 
     class OneParameter(torch.nn.Module):
         """A module holding one parameter under a LLaMA name, so the optimizer setups treat it as in the model."""
@@ -287,7 +287,7 @@ def adamw_state_bytes(spec: dict) -> int:
     """AdamW's two moments in the weights' dtype: the reference when no adamw row was measured."""
     import torch
 
-    from models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
     with torch.device("meta"):
         n = LlamaForCausalLM(llama_config(spec["model"])).num_parameters()
@@ -333,7 +333,7 @@ def print_census(args) -> None:
 def _num_params(model_name: str) -> int:
     import torch
 
-    from models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
     with torch.device("meta"):
         return LlamaForCausalLM(llama_config(model_name)).num_parameters()

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distributed.metrics import peak_memory_bytes  # noqa: E402
+from curvtrain.distributed.metrics import peak_memory_bytes  # noqa: E402
 from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated, timed_ms  # noqa: E402
 
 
@@ -38,13 +38,13 @@ def cpu_peak_flops() -> float:
 
 
 def build(impl: str, model_name: str):
-    from models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
     cfg = llama_config(model_name)
     if impl == "hf":
         import transformers
 
-        from models.hf import hf_config_dict
+        from curvtrain.models.hf import hf_config_dict
 
         hf_cfg = transformers.LlamaConfig(**hf_config_dict(cfg, bos_token_id=1, eos_token_id=2))
         hf_cfg._attn_implementation = "sdpa"
@@ -88,7 +88,7 @@ def measure_plain(spec: dict) -> dict:
 def _flops(cfg, seq: int) -> float:
     import torch
 
-    from models.llama import LlamaForCausalLM
+    from curvtrain.models.llama import LlamaForCausalLM
 
     with torch.device("meta"):
         return LlamaForCausalLM(cfg).flops_per_token(seq)
@@ -96,11 +96,11 @@ def _flops(cfg, seq: int) -> float:
 
 def measure_curvtrain(spec: dict) -> dict:
     """The same model through `pretrain`: a Ray worker running a DeepSpeed engine (ZeRO 0, 1 worker)."""
-    from distributed.config import TrainConfig
-    from distributed.coordinator import Coordinator
-    from distributed.metrics import read_metrics
-    from launcher.cluster import connect
-    from launcher.config import load_config
+    from curvtrain.distributed.config import TrainConfig
+    from curvtrain.distributed.coordinator import Coordinator
+    from curvtrain.distributed.metrics import read_metrics
+    from curvtrain.launcher.cluster import connect
+    from curvtrain.launcher.config import load_config
 
     steps = spec["warmup"] + spec["steps"]
     cfg = load_config(TrainConfig, None, [
@@ -120,7 +120,7 @@ def measure_curvtrain(spec: dict) -> dict:
     t0 = records[spec["warmup"] - 1]["elapsed_s"]
     t1 = records[-1]["elapsed_s"]
     seconds = (t1 - t0) / spec["steps"]
-    from models.llama import llama_config
+    from curvtrain.models.llama import llama_config
 
     return {"step_ms": 1000 * seconds, "tokens_per_s": spec["batch"] * spec["seq"] / seconds,
             "peak_gib": records[-1]["peak_memory_gib"],  # the worker's (rank 0's) own peak

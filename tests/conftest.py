@@ -22,7 +22,7 @@ def ray_runtime():
     """One local Ray runtime for the whole session (starting one costs seconds)."""
     import ray
 
-    from launcher.cluster import connect
+    from curvtrain.launcher.cluster import connect
 
     connect(None, num_cpus_needed=2)
     yield
@@ -34,14 +34,14 @@ CONFIG = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 def tiny(*overrides: str):
     """The test recipe (configs/tiny.yaml) with `--set`-style overrides."""
-    from distributed.config import TrainConfig
-    from launcher.config import load_config
+    from curvtrain.distributed.config import TrainConfig
+    from curvtrain.launcher.config import load_config
 
     return load_config(TrainConfig, CONFIG, list(overrides))
 
 
 def losses(run_dir: Path) -> list[float]:
-    from distributed.metrics import read_metrics
+    from curvtrain.distributed.metrics import read_metrics
 
     return [r["loss"] for r in read_metrics(run_dir)]
 
@@ -49,7 +49,7 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="session")
 def runs(ray_runtime, tmp_path_factory):
     """runs(*overrides) → the run directory of a finished tiny run of that configuration (each run once)."""
-    from distributed.coordinator import Coordinator
+    from curvtrain.distributed.coordinator import Coordinator
 
     done: dict[tuple, Path] = {}
 

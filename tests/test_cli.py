@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import CONFIG, tiny
-from distributed.export import consolidated_state_dict, export_checkpoint
-from models.llama import LlamaForCausalLM, llama_config
+from curvtrain.distributed.export import consolidated_state_dict, export_checkpoint
+from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
 ROOT = Path(__file__).parents[1]
 
 
 def curvtrain(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "curvtrain.launcher", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

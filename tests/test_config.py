@@ -1,8 +1,8 @@
 """Typed config loading: YAML + --set → TrainConfig, and every error names its field."""
 import pytest
 
-from distributed.config import TrainConfig, config_to_dict, save_config
-from launcher.config import ConfigError, load_config
+from curvtrain.distributed.config import TrainConfig, config_to_dict, save_config
+from curvtrain.launcher.config import ConfigError, load_config
 
 
 def write(tmp_path, text):

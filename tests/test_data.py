@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import data as data_module
-from models.corpus import corpus_fingerprint, iter_documents, wiki_to_text
-from models.data import DataConfig, TokenData, prepare_tokens
-from models.tokenizer import Tokenizer
+from curvtrain.models import data as data_module
+from curvtrain.models.corpus import corpus_fingerprint, iter_documents, wiki_to_text
+from curvtrain.models.data import DataConfig, TokenData, prepare_tokens
+from curvtrain.models.tokenizer import Tokenizer
 
 # ---- tokenizer -----------------------------------------------------------------------------------
 

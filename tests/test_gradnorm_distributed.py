@@ -4,10 +4,10 @@ import shutil
 import pytest
 
 from conftest import tiny
-from distributed import checkpoint
-from distributed.coordinator import Coordinator
-from distributed.export import consolidated_state_dict
-from distributed.metrics import read_metrics
+from curvtrain.distributed import checkpoint
+from curvtrain.distributed.coordinator import Coordinator
+from curvtrain.distributed.export import consolidated_state_dict
+from curvtrain.distributed.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 GN = ("optimizer.name=gradnorm_lorp", "engine.zero_stage=0", "optimizer.lowrank.rank=8",
@@ -84,14 +84,14 @@ def test_galore_torch_baseline_trains_owner_sharded(runs):
 
 @pytest.mark.parametrize("name", ["gradnorm_lorp", "galore_adamw"])
 def test_whole_matrix_optimizers_refuse_zero_partitions(name):
-    from launcher.config import ConfigError
+    from curvtrain.launcher.config import ConfigError
 
     with pytest.raises(ConfigError, match="needs engine.zero_stage=0"):
         tiny(f"optimizer.name={name}", "engine.zero_stage=2")
 
 
 def test_per_layer_refuses_clipping():
-    from launcher.config import ConfigError
+    from curvtrain.launcher.config import ConfigError
 
     with pytest.raises(ConfigError, match="set engine.grad_clip=0"):
         tiny(*GN, "optimizer.per_layer=true")

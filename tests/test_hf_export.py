@@ -7,8 +7,8 @@ import pytest
 import sentencepiece
 import torch
 
-from models.hf import export_hf
-from models.llama import LlamaForCausalLM, llama_config
+from curvtrain.models.hf import export_hf
+from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,7 +127,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("models.hf._tokenizer_json", fail)  # fails after model.safetensors is written
+    monkeypatch.setattr("curvtrain.models.hf._tokenizer_json", fail)  # fails after model.safetensors is written
     model = tiny_model()
     with pytest.raises(RuntimeError, match="disk full"):
         export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer_model=TOKENIZER)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.llama import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM, apply_rotary, llama_config, rotary_cos_sin
+from curvtrain.models.llama import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM, apply_rotary, llama_config, rotary_cos_sin
 
 
 def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:

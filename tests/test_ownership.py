@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from distributed.config import TrainConfig
-from distributed.ownership import assign_owners, plan_for, state_costs
-from distributed.trainer import build_model_and_optimizer
-from launcher.config import load_config
+from curvtrain.distributed.config import TrainConfig
+from curvtrain.distributed.ownership import assign_owners, plan_for, state_costs
+from curvtrain.distributed.trainer import build_model_and_optimizer
+from curvtrain.launcher.config import load_config
 
 
 def test_every_block_gets_one_owner_deterministically():

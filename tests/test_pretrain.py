@@ -13,9 +13,9 @@ import time
 import pytest
 
 from conftest import losses, tiny
-from distributed import checkpoint
-from distributed.coordinator import Coordinator
-from distributed.metrics import read_metrics
+from curvtrain.distributed import checkpoint
+from curvtrain.distributed.coordinator import Coordinator
+from curvtrain.distributed.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

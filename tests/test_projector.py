@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optim.projector import choose_side, lowrank_shapes, project, project_back, refresh_basis
+from curvtrain.optim.projector import choose_side, lowrank_shapes, project, project_back, refresh_basis
 
 
 def decaying(m, n, seed=0, decay=0.85):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from optim.quantize import dequantize_blockwise, dynamic_map, max_error, quantize_blockwise
+from curvtrain.optim.quantize import dequantize_blockwise, dynamic_map, max_error, quantize_blockwise
 
 try:
     import bitsandbytes.functional as bnb
