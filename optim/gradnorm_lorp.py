@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
+from .adamw import decay_groups
 from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
 from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
 
@@ -285,9 +286,10 @@ def lowrank_param_groups(
     proj_method: str = "range_finder",
     weight_decay: float = 0.0,
 ) -> list[dict]:
-    """Two param groups, both with `weight_decay`: trainable parameters whose name matches the regex
-    `targets` (re.search; must be 2-D) with the low-rank options, and all other trainable parameters
-    (plain AdamW). The trainer's rule is LLAMA_TARGETS."""
+    """Param groups: trainable parameters whose name matches the regex `targets` (re.search; must be
+    2-D) with the low-rank options and `weight_decay`, then all other trainable parameters (plain AdamW)
+    split by the weight decay rule of every optimizer here (`adamw.decay_groups`: matrices decayed,
+    norm gains not). The trainer's rule is LLAMA_TARGETS."""
     lowrank, plain = [], []
     for name, p in named_params:
         if not p.requires_grad:
@@ -304,4 +306,4 @@ def lowrank_param_groups(
         dict(params=lowrank, rank=rank, update_gap=update_gap, scale=scale, proj_side=proj_side,
              power_iters=power_iters, proj_method=proj_method, weight_decay=weight_decay)
     ]
-    return groups + ([dict(params=plain, weight_decay=weight_decay)] if plain else [])
+    return groups + decay_groups(plain, weight_decay)

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from curvtrain.optim.adamw import decay_groups
 from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
 from curvtrain.optim.projector import METHODS
 
@@ -65,7 +66,8 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    """Decoupled weight decay, applied to 2-D weights only (not norms)."""
+    """Decoupled weight decay, applied to matrices only, not to norm gains (`optim.adamw.decays`), by
+    every optimizer."""
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     per_layer: bool = False
     """Step each parameter inside backward and free its gradient at once (GaLore's per-layer updates):
@@ -82,18 +84,9 @@ class OptimizerConfig:
             raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
 
 
-def decay_groups(named_params: NamedParams, weight_decay: float) -> list[dict]:
-    """Two groups: matrices get weight decay, vectors (norm gains) do not (nanoGPT's rule)."""
-    params = [(n, p) for n, p in named_params if p.requires_grad]
-    return [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
 def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
     """AdamW (Loshchilov & Hutter 2019): the baseline."""
-    return torch.optim.AdamW(decay_groups(named_params, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
