@@ -1,13 +1,33 @@
-"""AdamW (Loshchilov & Hutter, ICLR 2019, "Decoupled Weight Decay Regularization") as the project uses it.
+"""AdamW (Loshchilov & Hutter, ICLR 2019, "Decoupled Weight Decay Regularization") as the project uses
+it: the AdamW baseline, and the update of GradNormLoRP's non-projected groups (its base class).
+
+For each parameter w with gradient ∇w, at step t (Kingma & Ba 2015, bias-corrected):
+
+    m ← β₁m + (1 − β₁)∇w,   v ← β₂v + (1 − β₂)∇w²,   N = m̂/(√v̂ + ε),   w ← (1 − lr·wd) w − lr·N
+
+Precision: the state (m, v) is float32 (float64 for float64 weights) whatever the weights' dtype, and
+the update is computed in float32; bf16 weights (owner-sharded runs keep no fp32 master copy) receive
+it with stochastic rounding (`rounding.write_weight_`), so small updates do not vanish. With
+eight_bit, the moments of tensors with ≥ MIN_8BIT_NUMEL elements are held blockwise 8-bit
+(`quantize`, as bitsandbytes' 8-bit Adam) and dequantized into float32 for the update.
 
 Weight decay rule, the one for every optimizer here: matrices (dim ≥ 2: projections, embeddings,
 output head) are decayed, vectors (norm gains, biases) are not (nanoGPT's and GaLore's rule).
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import chain
 
+import torch
 from torch import Tensor
 from torch.nn import Parameter
+
+from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from .rounding import write_weight_
+
+# Tensors smaller than this keep full-precision moments under eight_bit (bitsandbytes' min_8bit_size):
+# norm gains are small and sensitive.
+MIN_8BIT_NUMEL = 4096
 
 
 def decays(p: Tensor) -> bool:
@@ -24,3 +44,119 @@ def decay_groups(params: Iterable[Parameter], weight_decay: float, **options) ->
         {"params": [p for p in params if not decays(p)], "weight_decay": 0.0, **options},
     ]
     return [g for g in groups if g["params"]]
+
+
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of optimizer statistics and update arithmetic for weights p: float32, or float64."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def adam_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, betas: tuple[float, float], eps: float, step: int
+) -> Tensor:
+    """Updates the moments in place and returns N = m̂/(√v̂ + ε) (Kingma & Ba 2015, bias-corrected)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+    return exp_avg.div(denom).div_(1 - beta1**step)
+
+
+_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
+
+
+def zero_moments(shape: torch.Size, dtype: torch.dtype, device: torch.device, eight_bit: bool) -> dict[str, Tensor]:
+    """Adam's (m, v) for a tensor of `shape`: `dtype`, or blockwise 8-bit codes + absmax scales
+    (signed map for m, the finer unsigned map for v ≥ 0)."""
+    zeros = torch.zeros(shape, dtype=dtype, device=device)
+    if not eight_bit:
+        return {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+    state = {}
+    for name, signed in _MOMENTS:
+        state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
+    return state
+
+
+def moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tensor:
+    """N = m̂/(√v̂ + ε) of `grad`, in grad's dtype; 8-bit moments are dequantized into it, updated and
+    requantized."""
+    if "exp_avg" in state:
+        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
+    m, v = (
+        dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], grad.shape, BLOCK_SIZE, grad.dtype, signed=sg)
+        for k, sg in _MOMENTS
+    )
+    direction = adam_direction(m, v, grad, group["betas"], group["eps"], step)
+    for (k, sg), moment in zip(_MOMENTS, (m, v)):
+        state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
+    return direction
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW with float32 state and stochastically rounded writes into bf16 weights (module docstring).
+
+    `step_param(p, group)` steps one parameter (per-layer updates, `per_layer`).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Parameter] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        eight_bit: bool = False,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eight_bit=eight_bit))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict) -> None:
+        """Updates one parameter of `group` from p.grad."""
+        if p.grad.is_sparse:
+            raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        state = self.state[p]
+        if not state:
+            state.update(self._init_state(p, group))
+        state["step"] += 1
+        self._update(p, group, state)
+
+    def state_numel(self, p: Tensor, group: dict) -> int:
+        """Elements of state `step_param` creates for p: the cost model of block ownership."""
+        return 2 * p.numel()
+
+    def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        eight_bit = group["eight_bit"] and p.numel() >= MIN_8BIT_NUMEL
+        return {"step": torch.tensor(0, dtype=torch.int64)} | zero_moments(p.shape, compute_dtype(p), p.device, eight_bit)
+
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        w = p.to(compute_dtype(p))  # p itself for float32/float64 weights
+        direction = moments_direction(state, p.grad.to(w.dtype), group, int(state["step"]))
+        w.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
+        write_weight_(p, w)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; ours keeps
+        # float32 statistics for bf16 weights and uint8 codes on purpose, so restore the saved dtypes.
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for i, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                device = value.device if key == "step" else p.device  # the step count stays on the CPU
+                self.state[p][key] = value.to(device, copy=True)

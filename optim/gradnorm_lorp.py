@@ -18,34 +18,32 @@ exactly as AdamW's decay of W; the direction V is scale-free and not decayed. Th
 
     W ← (s/g_old) ⊙ W + ΔV     (W holds V′),    s ← ‖rows of W‖,    W ← (g_new/s) ⊙ W
 
-Groups without `rank` get plain AdamW. With eight_bit, the low-rank moments and the plain groups'
-moments of tensors with at least MIN_8BIT_NUMEL elements (embeddings, output head) are held blockwise
-8-bit, as bitsandbytes' 8-bit Adam does. State holds tensors only; g, s and the
-low-rank moments are float32 (float64 for float64 weights) whatever the weight's dtype; the basis is
-stored in the weight's dtype when that is bf16/fp16 (as GaLore does) and used in float32.
+Groups without `rank` get plain AdamW (the base class, `adamw.AdamW`). With eight_bit, the low-rank
+moments and the plain groups' moments of tensors with at least adamw.MIN_8BIT_NUMEL elements
+(embeddings, output head) are held blockwise 8-bit, as bitsandbytes' 8-bit Adam does. State holds
+tensors only; g, s and all moments are float32 (float64 for float64 weights) whatever the weight's
+dtype, 8-bit codes dequantize into float32; the basis is stored in the weight's dtype when that is
+bf16/fp16 (as GaLore does) and used in float32. The update is computed in float32 and written into
+bf16 weights with stochastic rounding (`rounding.write_weight_`): no fp32 master copy, and small
+updates do not vanish.
 """
 
 import re
-from collections.abc import Callable, Iterable
-from itertools import chain
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .adamw import decay_groups
+from .adamw import AdamW, adam_direction, compute_dtype, decay_groups, moments_direction, zero_moments
 from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
-from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from .rounding import write_weight_
 
 # Targets of the LLaMA trainer: the attention and MLP projection matrices (GaLore's choice).
 LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
 
 # Options of a low-rank group besides `rank` (GaLore's C4 defaults).
 LOWRANK_DEFAULTS = dict(update_gap=200, scale=0.25, proj_side="auto", power_iters=1, proj_method="range_finder")
-
-# Plain-group (AdamW) tensors smaller than this keep full-precision moments under eight_bit
-# (bitsandbytes' min_8bit_size): norm gains are small and sensitive. Low-rank moments are always 8-bit.
-MIN_8BIT_NUMEL = 4096
 
 # The first basis of every weight is drawn from a generator with this seed, so data-parallel replicas
 # agree on it and runs repeat; later refreshes warm-start from the stored basis and draw nothing.
@@ -63,56 +61,12 @@ def weight_norm_grads(weight: Tensor, grad: Tensor, g: Tensor, s: Tensor) -> tup
     return grad_g, grad_v.addcmul_(w, (-grad_g / s)[:, None])
 
 
-def adam_direction(
-    exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, betas: tuple[float, float], eps: float, step: int
-) -> Tensor:
-    """Updates the moments in place and returns N = m̂/(√v̂ + ε) (Kingma & Ba 2015, bias-corrected)."""
-    beta1, beta2 = betas
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
-    return exp_avg.div(denom).div_(1 - beta1**step)
-
-
-def _zero_moments(shape: torch.Size, dtype: torch.dtype, device: torch.device, eight_bit: bool) -> dict[str, Tensor]:
-    """Adam's (m, v) for a tensor of `shape`: full precision, or blockwise 8-bit codes + absmax scales
-    (signed map for m, the finer unsigned map for v ≥ 0)."""
-    zeros = torch.zeros(shape, dtype=dtype, device=device)
-    if not eight_bit:
-        return {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
-    state = {}
-    for name, signed in _MOMENTS:
-        state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
-    return state
-
-
-_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
-
-
-def _moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tensor:
-    """N = m̂/(√v̂ + ε) of `grad`; 8-bit moments are dequantized, updated and requantized."""
-    if "exp_avg" in state:
-        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
-    m, v = (
-        dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], grad.shape, BLOCK_SIZE, grad.dtype, signed=sg)
-        for k, sg in _MOMENTS
-    )
-    direction = adam_direction(m, v, grad, group["betas"], group["eps"], step)
-    for (k, sg), moment in zip(_MOMENTS, (m, v)):
-        state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
-    return direction
-
-
 def _storage_dtype(p: Tensor) -> torch.dtype:
-    return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else _compute_dtype(p)
+    return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else compute_dtype(p)
 
 
 def _row_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
-
-
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _check_lowrank_group(group: dict) -> None:
@@ -137,29 +91,15 @@ def _check_lowrank_group(group: dict) -> None:
             )
 
 
-class GradNormLoRP(torch.optim.Optimizer):
-    """GradNormLoRP (module docstring); groups with `rank` are projected, the others get AdamW.
+class GradNormLoRP(AdamW):
+    """GradNormLoRP (module docstring); groups with `rank` are projected, the others get `AdamW`.
 
     A low-rank group may set `update_gap`, `scale`, `proj_side` ("auto", "left", "right"),
     `power_iters` and `proj_method` ("range_finder", "svd"); see LOWRANK_DEFAULTS. With eight_bit the
     low-rank moments and plain-group moments of tensors of ≥ MIN_8BIT_NUMEL elements are held blockwise
-    8-bit (signed map for m, unsigned for v); g's moments and small tensors' stay full precision. `step_param` steps one parameter (per-layer updates, `per_layer`).
+    8-bit (signed map for m, unsigned for v); g's moments and small tensors' stay full precision.
+    `step_param` steps one parameter (per-layer updates, `per_layer`).
     """
-
-    def __init__(
-        self,
-        params: Iterable[Parameter] | Iterable[dict],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        eight_bit: bool = False,
-    ):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        if not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eight_bit=eight_bit))
 
     def add_param_group(self, param_group: dict) -> None:
         if "rank" in param_group:
@@ -168,44 +108,18 @@ class GradNormLoRP(torch.optim.Optimizer):
         if "rank" in param_group:
             _check_lowrank_group(self.param_groups[-1])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
-
-    @torch.no_grad()
-    def step_param(self, p: Tensor, group: dict) -> None:
-        """Updates one parameter of `group` from p.grad."""
-        if p.grad.is_sparse:
-            raise ValueError("GradNormLoRP does not support sparse gradients")
-        state = self.state[p]
-        if not state:
-            state.update(self._init_state(p, group))
-        state["step"] += 1
-        if "rank" in group:
-            self._lowrank_step(p, group, state)
-        else:
-            self._adamw_step(p, group, state)
-
     def state_numel(self, p: Tensor, group: dict) -> int:
         """Elements of state `step_param` creates for p: the cost model of block ownership."""
         if "rank" not in group:
-            return 2 * p.numel()
+            return super().state_numel(p, group)
         basis, low = lowrank_shapes(p.shape, group["rank"], choose_side(p.shape, group["proj_side"]))
         return basis.numel() + 2 * low.numel() + 4 * p.shape[0]
 
     def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        state = {"step": torch.tensor(0, dtype=torch.int64)}
         if "rank" not in group:
-            return state | _zero_moments(p.shape, p.dtype, p.device, group["eight_bit"] and p.numel() >= MIN_8BIT_NUMEL)
-        dtype = _compute_dtype(p)
+            return super()._init_state(p, group)
+        state = {"step": torch.tensor(0, dtype=torch.int64)}
+        dtype = compute_dtype(p)
         norms = _row_norms(p, dtype)
         if (norms == 0).any():
             raise ValueError(
@@ -221,12 +135,13 @@ class GradNormLoRP(torch.optim.Optimizer):
             # stored in the weight's dtype when that is narrower (bf16), as GaLore does; used in `dtype`
             "basis": torch.zeros(basis_shape, dtype=_storage_dtype(p), device=p.device),
         }
-        return state | _zero_moments(low_shape, dtype, p.device, group["eight_bit"])
+        return state | zero_moments(low_shape, dtype, p.device, group["eight_bit"])
 
-    def _adamw_step(self, p: Tensor, group: dict, state: dict) -> None:
-        step = int(state["step"])
-        direction = _moments_direction(state, p.grad, group, step)
-        p.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
+    def _update(self, p: Tensor, group: dict, state: dict) -> None:
+        if "rank" in group:
+            self._lowrank_step(p, group, state)
+        else:
+            super()._update(p, group, state)
 
     def _lowrank_step(self, p: Tensor, group: dict, state: dict) -> None:
         step, lr, g, s = int(state["step"]), group["lr"], state["g"], state["s"]
@@ -246,7 +161,7 @@ class GradNormLoRP(torch.optim.Optimizer):
             state["basis"] = basis.to(state["basis"].dtype)
         basis = state["basis"].to(grad_v.dtype)
         low = project(grad_v, basis, side)
-        direction = _moments_direction(state, low, group, step)
+        direction = moments_direction(state, low, group, step)
         delta_v = project_back(direction, basis, side)
         del grad_v, low, direction  # free the full-size ∇V before the write-back
 
@@ -259,19 +174,7 @@ class GradNormLoRP(torch.optim.Optimizer):
         v.mul_((s / g_old)[:, None]).add_(delta_v, alpha=-lr * group["scale"])
         s.copy_(_row_norms(v, s.dtype))
         v.mul_((g / s)[:, None])
-        if v is not p:
-            p.copy_(v)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; ours keeps
-        # float32 statistics for bf16 weights and uint8 codes on purpose, so restore the saved dtypes.
-        super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                device = value.device if key == "step" else p.device  # the step count stays on the CPU
-                self.state[p][key] = value.to(device, copy=True)
+        write_weight_(p, v)  # stochastic rounding into bf16 weights
 
 
 def lowrank_param_groups(

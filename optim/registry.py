@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from curvtrain.optim.adamw import decay_groups
+from curvtrain.optim.adamw import AdamW, decay_groups
 from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
 from curvtrain.optim.projector import METHODS
 
@@ -85,8 +85,9 @@ class OptimizerConfig:
 
 
 def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
-    """AdamW (Loshchilov & Hutter 2019): the baseline."""
-    return torch.optim.AdamW(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW (Loshchilov & Hutter 2019): the baseline; `optim.adamw.AdamW`, the update of GradNormLoRP's
+    plain groups too (float32 state, stochastic rounding into bf16 weights)."""
+    return AdamW(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:

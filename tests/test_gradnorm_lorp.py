@@ -305,7 +305,7 @@ def test_trains_a_small_mlp():
 def test_eight_bit_covers_every_large_moment_and_spares_small_ones():
     """bitsandbytes-style: the low-rank moments and the plain groups' moments of tensors with
     ≥ MIN_8BIT_NUMEL elements are 8-bit; small plain tensors (norm gains) and g stay full precision."""
-    from curvtrain.optim.gradnorm_lorp import MIN_8BIT_NUMEL
+    from curvtrain.optim.adamw import MIN_8BIT_NUMEL
 
     embed, proj, norm = (nn.Parameter(torch.randn(*shape)) for shape in ((512, 16), (96, 64), (16,)))
     groups = [{"params": [proj], "rank": 8}, {"params": [embed, norm]}]
