@@ -35,14 +35,20 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Like torch.optim.Optimizer.step: `closure` (re-evaluates the loss and calls backward) runs
+        first, with gradients enabled, and its loss is returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         if self.per_layer:
-            return None  # every parameter was already stepped inside backward
+            return loss  # every parameter was already stepped inside backward
         for group in self.param_groups:
             for p in group["params"]:
                 if self.owner[p] == self.rank and p.grad is not None:
                     step_one_param(self.inner, p, group)
         self.broadcast_from_owners()
-        return None
+        return loss
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict) -> None:
