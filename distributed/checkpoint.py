@@ -11,13 +11,23 @@ Layout under RUN_DIR/checkpoints/:
 
 A checkpoint without a manifest, or whose files disagree with it, is never loaded: `validate` names
 the problem and the coordinator checks it before any worker starts.
+
+Nothing in a checkpoint is unpickled: a run directory copied from someone else must not run code on
+`--resume` or `export`. `validate` refuses a file holding any Python object other than tensors, plain
+data and the few record types DeepSpeed writes (SAFE_TYPES), and every load runs under
+`weights_only_loading()`, which makes torch.load weights-only even where DeepSpeed asks for full
+unpickling.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from curvtrain.models.files import write_text_atomic
 
@@ -27,6 +37,55 @@ LATEST = "LATEST"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt."""
+
+
+# The only non-tensor, non-builtin types DeepSpeed 0.19 writes into its checkpoint files (ZeRO 0-3, fp32
+# and bf16; found with torch.serialization.get_unsafe_globals_in_checkpoint): plain records whose
+# construction from a file runs no code of the file's choosing.
+SAFE_TYPES = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _safe_types() -> list[type]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loading():
+    """Every torch.load inside the block is weights-only (tensors, plain data, SAFE_TYPES), ours and
+    DeepSpeed's alike: its engine and zero_to_fp32 pass weights_only=False, which the environment
+    variable TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides."""
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_types()):
+            yield
+    finally:
+        if saved is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
+def _check_weights_only(ckpt_dir: Path, name: str) -> None:
+    """Refuse a .pt file whose pickle names any global outside torch's weights-only set and SAFE_TYPES
+    (read from its opcodes, nothing executed)."""
+    try:
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(ckpt_dir / name)) - set(SAFE_TYPES)
+    except Exception as e:  # not a torch zip file at all
+        raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} is not a torch checkpoint file ({e})") from None
+    if unsafe:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: {name} holds Python objects ({', '.join(sorted(unsafe))}) that only full "
+            f"unpickling could load, which can run arbitrary code: refused (only tensors and plain data are loaded)"
+        )
 
 
 def tag_for(step: int) -> str:
@@ -58,7 +117,8 @@ def write_manifest(ckpt_dir: Path, *, step: int, world_size: int, zero_stage: in
 
 
 def validate(ckpt_dir: Path) -> dict:
-    """Return the manifest of a complete, intact checkpoint; raise CheckpointError naming what is wrong."""
+    """Return the manifest of a complete, intact checkpoint whose files load weights-only; raise
+    CheckpointError naming what is wrong."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint {ckpt_dir} does not exist")
@@ -75,6 +135,8 @@ def validate(ckpt_dir: Path) -> dict:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: missing file {name}")
         if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} does not match its manifest checksum")
+        if name.endswith(".pt"):
+            _check_weights_only(ckpt_dir, name)
     return manifest
 
 

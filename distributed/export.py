@@ -13,12 +13,13 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a sealed checkpoint folder, gathered from ZeRO shards where there are any."""
     ckpt_dir = Path(ckpt_dir)
     manifest = checkpoint.validate(ckpt_dir)
-    if manifest["zero_stage"] == 0 and not any(ckpt_dir.glob("*optim_states.pt")):
-        module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in module.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with checkpoint.weights_only_loading():  # nothing in a checkpoint is unpickled
+        if manifest["zero_stage"] == 0 and not any(ckpt_dir.glob("*optim_states.pt")):
+            module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+            return {k: v.float() for k, v in module.items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
 def export_checkpoint(ckpt_dir: Path, cfg: TrainConfig, out_dir: Path) -> Path:

@@ -129,12 +129,13 @@ class Trainer:
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         ckpt_dir = Path(ckpt_dir)
         sharded = self.cfg.owner_sharded
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=not sharded)
-        if path is None:
-            raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
-        self.load_state_dict(torch.load(ckpt_dir / f"trainer_rank{self.rank}.pt", weights_only=True))
-        if sharded:
-            self.optimizer.load_state_dict(torch.load(ckpt_dir / f"optimizer_rank{self.rank}.pt", weights_only=True))
+        with checkpoint.weights_only_loading():  # DeepSpeed's loader too: nothing in a checkpoint is unpickled
+            path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=not sharded)
+            if path is None:
+                raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
+            self.load_state_dict(torch.load(ckpt_dir / f"trainer_rank{self.rank}.pt", weights_only=True))
+            if sharded:
+                self.optimizer.load_state_dict(torch.load(ckpt_dir / f"optimizer_rank{self.rank}.pt", weights_only=True))
 
     # ---- the loop ----
     def fit(self) -> dict:

@@ -104,7 +104,7 @@ def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torc
 def build_galore_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
     """galore-torch's GaLoreAdamW (Zhao et al., ICML 2024) on the same targets and rank: the published
     baseline, for comparisons. Its state holds Python projector objects, so its checkpoints save but
-    cannot be resumed (weights-only loading refuses them)."""
+    can be neither resumed nor exported (weights-only loading refuses them)."""
     try:
         from galore_torch import GaLoreAdamW
     except ImportError as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,44 @@ def test_existing_run_is_not_overwritten_without_resume(runs, tmp_path):
     before = snapshot(run_dir)
     result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir))
     assert result.returncode == 2 and "pass --resume" in result.stderr
+    assert snapshot(run_dir) == before
+
+
+class MakesMarker:
+    """A pickled object whose loading runs code: unpickling it creates the file `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoint_holding_a_malicious_pickle_is_refused_and_never_run(runs, tmp_path):
+    """A run directory from someone else: a DeepSpeed file (which DeepSpeed itself loads with full
+    unpickling) carries an object that runs code when unpickled, and the manifest is re-sealed so its
+    checksums match. Neither --resume nor export may unpickle it: exit 2, the file named."""
+    from curvtrain.distributed import checkpoint
+
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(runs("engine.zero_stage=1"), run_dir)
+    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    states = ckpt / "mp_rank_00_model_states.pt"
+    with checkpoint.weights_only_loading():
+        state = torch.load(states, weights_only=True)
+    torch.save({**state, "note": MakesMarker(marker)}, states)
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    (ckpt / checkpoint.MANIFEST).unlink()
+    checkpoint.write_manifest(ckpt, step=manifest["step"], world_size=manifest["world_size"], zero_stage=manifest["zero_stage"])
+    before = snapshot(run_dir)
+
+    resumed = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--resume", "--set", "schedule.max_steps=22")
+    exported = curvtrain("export", str(run_dir), str(tmp_path / "hf"))
+    for result in (resumed, exported):
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "mp_rank_00_model_states.pt holds Python objects" in result.stderr and "refused" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not marker.exists()
     assert snapshot(run_dir) == before
 
 
