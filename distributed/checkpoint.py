@@ -60,7 +60,7 @@ def _safe_types() -> list[type]:
 @contextmanager
 def weights_only_loading():
     """Every torch.load inside the block is weights-only (tensors, plain data, SAFE_TYPES), ours and
-    DeepSpeed's alike: its engine and zero_to_fp32 pass weights_only=False, which the environment
+    DeepSpeed's alike: its engine and zero_to_fp32 ask torch.load for full unpickling, which the environment
     variable TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides."""
     saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
