@@ -11,14 +11,18 @@ METRICS = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Appends one JSON object per record to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path):
+    `start_step` is the step the run continues from (0, or a checkpoint's): metrics.jsonl was truncated
+    there (`truncate_metrics`), and TensorBoard is told to purge its events after it (purge_step), so a
+    resumed or restarted run shows each step once."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = Path(run_dir) / METRICS
         self.file = open(self.path, "a", buffering=1)
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

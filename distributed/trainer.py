@@ -53,7 +53,7 @@ class Trainer:
         self.optimizer = optimizer
         self.engine = build_engine(model, optimizer, warmup_cosine(optimizer, cfg.schedule), cfg)
         self.data = TokenData.from_config(cfg.data)  # a cache hit: the coordinator prepared the tokens
-        self.logger = MetricsLogger(self.run_dir) if self.rank == 0 else None
+        self.logger: MetricsLogger | None = None  # opened by fit(), at the step it starts from
 
     # ---- state (everything a resume needs besides the engine) ----
     def state_dict(self) -> dict:
@@ -141,6 +141,7 @@ class Trainer:
     def fit(self) -> dict:
         run, max_steps = self.cfg.run, self.cfg.schedule.max_steps
         progress = _progress_bar(self.step, max_steps) if self.rank == 0 else None
+        self.logger = MetricsLogger(self.run_dir, start_step=self.step) if self.rank == 0 else None
         summary: dict = {}
         start, start_tokens = time.perf_counter(), self.tokens
         while self.step < max_steps:

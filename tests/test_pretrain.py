@@ -50,6 +50,15 @@ def test_one_worker_equals_two_workers(runs, stage):
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
 
 
+def tensorboard_steps(run_dir, tag: str) -> list[int]:
+    """The steps of scalar `tag` as TensorBoard shows them (all event files of the run, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
 def test_resume_equals_uninterrupted(runs, tmp_path):
     full = runs(*TWO_WORKERS[1])
     resumed = tmp_path / "resumed"
@@ -59,6 +68,7 @@ def test_resume_equals_uninterrupted(runs, tmp_path):
     (resumed / "checkpoints" / "LATEST").write_text("step_00000010")
     Coordinator(tiny(*TWO_WORKERS[1]), resumed, resume=True).run()
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 21))
+    assert tensorboard_steps(resumed, "loss") == list(range(1, 21))  # steps 11-20 once, not twice
     a, b = losses(full), losses(resumed)
     assert max(abs(x - y) for x, y in zip(a[10:], b[10:])) <= 1e-6, (a, b)
 
