@@ -9,6 +9,10 @@ Layout under RUN_DIR/checkpoints/:
         manifest.json            every file's size and sha256, world size; written after all ranks saved
     LATEST                       the newest complete tag; replaced atomically after its manifest
 
+Sealing: each rank hashes the files it wrote (`writer_rank`) right after writing them, all ranks in
+parallel (`hash_own_files`); rank 0 gathers the hashes and only merges them into the manifest
+(`write_manifest`).
+
 A checkpoint without a manifest, or whose files disagree with it, is never loaded: `validate` names
 the problem and the coordinator checks it before any worker starts.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,13 +109,40 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt_dir: Path, *, step: int, world_size: int, zero_stage: int) -> None:
-    """Seal a checkpoint all ranks have finished writing, then point LATEST at it (rank 0 only)."""
-    files = {
-        str(p.relative_to(ckpt_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(ckpt_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+def writer_rank(name: str) -> int:
+    """The rank that writes checkpoint file `name`: the first rank number in its name (DeepSpeed's
+    zero_pp_rank_{r}_…, our trainer_rank{r}.pt; DeepSpeed's mp_rank_00_model_states.pt, written by
+    rank 0 at ZeRO 0-2), else 0 (config.yaml)."""
+    found = re.search(r"rank_?(\d+)", name)
+    return int(found.group(1)) if found else 0
+
+
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _files(ckpt_dir: Path) -> list[Path]:
+    return [p for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST]
+
+
+def hash_own_files(ckpt_dir: Path, rank: int) -> dict[str, dict]:
+    """Size and sha256 of the files of ckpt_dir that `rank` wrote (call it right after writing them:
+    they are complete, and still in the page cache)."""
+    return {
+        str(p.relative_to(ckpt_dir)): _entry(p)
+        for p in _files(ckpt_dir)
+        if writer_rank(str(p.relative_to(ckpt_dir))) == rank
     }
+
+
+def write_manifest(ckpt_dir: Path, hashes: list[dict[str, dict]], *, step: int, world_size: int, zero_stage: int) -> None:
+    """Seal a checkpoint all ranks have finished writing, then point LATEST at it (rank 0 only).
+    `hashes`: each rank's `hash_own_files`; a file in none of them is hashed here."""
+    merged = {name: meta for own in hashes for name, meta in own.items()}
+    files = {}
+    for p in _files(ckpt_dir):
+        name = str(p.relative_to(ckpt_dir))
+        files[name] = merged[name] if name in merged else _entry(p)
     manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
     write_text_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_text_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)

@@ -111,20 +111,30 @@ class Trainer:
 
     # ---- checkpoints ----
     def save_checkpoint(self) -> Path:
-        root = self.run_dir / "checkpoints"
-        tag = checkpoint.tag_for(self.step)
-        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-        torch.save(self.state_dict(), root / tag / f"trainer_rank{self.rank}.pt")
+        ckpt = self.run_dir / "checkpoints" / checkpoint.tag_for(self.step)
+        self.write_checkpoint(ckpt)
+        self.seal_checkpoint(ckpt)
+        return ckpt
+
+    def write_checkpoint(self, ckpt: Path) -> None:
+        """This rank's files of checkpoint folder `ckpt` (`checkpoint.writer_rank` names the writer)."""
+        self.engine.save_checkpoint(str(ckpt.parent), tag=ckpt.name, save_latest=False)
+        torch.save(self.state_dict(), ckpt / f"trainer_rank{self.rank}.pt")
         if self.cfg.owner_sharded:  # DeepSpeed (ZeRO 0) saves rank 0's optimizer only; each rank owns a shard
-            torch.save(self.optimizer.state_dict(), root / tag / f"optimizer_rank{self.rank}.pt")
+            torch.save(self.optimizer.state_dict(), ckpt / f"optimizer_rank{self.rank}.pt")
         if self.rank == 0:
-            save_config(self.cfg, root / tag / "config.yaml")
-        dist.barrier()  # every rank's files are on disk before the manifest seals them
+            save_config(self.cfg, ckpt / "config.yaml")
+
+    def seal_checkpoint(self, ckpt: Path) -> None:
+        """Each rank hashes the files it just wrote, all in parallel; rank 0 gathers the hashes, writes
+        the manifest and LATEST, and prunes old checkpoints."""
+        own = checkpoint.hash_own_files(ckpt, self.rank)
+        hashes = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(own, hashes, dst=0)  # also: every rank's files are on disk
         if self.rank == 0:
-            checkpoint.write_manifest(root / tag, step=self.step, world_size=self.world_size, zero_stage=self.cfg.engine.zero_stage)
-            checkpoint.prune(root, self.cfg.run.keep_checkpoints)
+            checkpoint.write_manifest(ckpt, hashes, step=self.step, world_size=self.world_size, zero_stage=self.cfg.engine.zero_stage)
+            checkpoint.prune(ckpt.parent, self.cfg.run.keep_checkpoints)
         dist.barrier()
-        return root / tag
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         ckpt_dir = Path(ckpt_dir)

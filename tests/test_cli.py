@@ -94,7 +94,7 @@ def test_checkpoint_holding_a_malicious_pickle_is_refused_and_never_run(runs, tm
     torch.save({**state, "note": MakesMarker(marker)}, states)
     manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
     (ckpt / checkpoint.MANIFEST).unlink()
-    checkpoint.write_manifest(ckpt, step=manifest["step"], world_size=manifest["world_size"], zero_stage=manifest["zero_stage"])
+    checkpoint.write_manifest(ckpt, [], step=manifest["step"], world_size=manifest["world_size"], zero_stage=manifest["zero_stage"])
     before = snapshot(run_dir)
 
     resumed = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--resume", "--set", "schedule.max_steps=22")
