@@ -3,7 +3,9 @@
 It checks everything it can before any worker starts (run directory, checkpoint to resume, corpus),
 starts a group of `TrainWorker` actors, and restarts the whole group from the last sealed checkpoint
 when a worker process dies (up to workers.max_restarts times). A Python exception inside a worker is
-not retried: it would happen again; it is raised here with the worker's traceback.
+not retried: it would happen again; it is raised here as `RunFailed` with the worker's traceback, never
+as the worker's own exception type (Ray's re-raised error subclasses it, so a ValueError in a worker
+would read like bad input). Bad input is what `check` raises, before any worker starts.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.config import TrainConfig, save_config
@@ -28,7 +30,11 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (it would overwrite or lose saved work)."""
 
 
-class WorkerLost(RuntimeError):
+class RunFailed(RuntimeError):
+    """The run failed after its workers started; the run directory keeps its last sealed checkpoint."""
+
+
+class WorkerLost(RunFailed):
     """A worker process died; the group must be restarted."""
 
 
@@ -61,6 +67,8 @@ class WorkerGroup:
                 ray.get(done[0])  # raises at once if this worker failed; peers would hang in collectives
             except RayActorError as e:
                 raise WorkerLost(str(e).splitlines()[0]) from e
+            except RayTaskError as e:  # an exception inside a worker; str(e) holds its traceback
+                raise RunFailed(str(e)) from None
         return ray.get(refs[0])
 
     def shutdown(self) -> None:

@@ -4,6 +4,9 @@
     curvtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR
 
 Every config problem is reported, naming the field, before Ray or any worker starts.
+Exit codes: 0 done; 2 bad input (config, paths, checkpoint), found before any worker starts, nothing
+written; 1 a failure during the run (the worker's traceback is printed; the run directory keeps its
+last sealed checkpoint, so `--resume` continues it once the cause is fixed).
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def pretrain(args) -> int:
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    from curvtrain.distributed.coordinator import Coordinator
+    from curvtrain.distributed import checkpoint
+    from curvtrain.distributed.coordinator import Coordinator, RunFailed
     from curvtrain.launcher.cluster import connect
 
     coordinator = Coordinator(cfg, run_dir, resume=args.resume)
@@ -51,7 +55,14 @@ def pretrain(args) -> int:
     local = connect(args.address, num_cpus_needed=w.num_workers * w.cpus_per_worker,
                     num_gpus_needed=w.num_workers if w.use_gpu else 0)
     coordinator.local = local
-    summary = coordinator.run()
+    try:
+        summary = coordinator.run()
+    except RunFailed as e:  # after the workers started: a failure, not bad input
+        kept = checkpoint.latest(run_dir / "checkpoints")
+        print(f"curvtrain: the run failed:\n{e}\ncurvtrain: {run_dir} keeps "
+              f"{f'its last sealed checkpoint {kept.name}' if kept else 'no checkpoint yet'}; fix the cause, then "
+              f"continue it with --resume", file=sys.stderr)
+        return 1
     print(
         f"[curvtrain] done: step {summary.get('step')}  loss {summary.get('loss', float('nan')):.4f}  "
         f"val_loss {summary.get('val_loss', float('nan')):.4f}\n"
