@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import ray
@@ -14,6 +13,7 @@ class TrainWorker:
 
     def __init__(self, rank: int, world_size: int, use_gpu: bool, cpus: int):
         self.rank, self.world_size, self.use_gpu = rank, world_size, use_gpu
+        self.store = None  # rank 0: the process group's TCP store, listening from rendezvous_address() on
         import torch
 
         torch.set_num_threads(cpus)
@@ -22,11 +22,13 @@ class TrainWorker:
         return os.getpid()
 
     def rendezvous_address(self, local: bool) -> tuple[str, int]:
-        """Rank 0's address and a free port for the process group's TCP store."""
+        """Rank 0 only: opens the process group's TCP store on a port the OS picks and keeps it listening,
+        so no other process can take the port before the group forms; returns (address, port)."""
+        import torch.distributed as dist
+
         host = "127.0.0.1" if local else ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        self.store = dist.TCPStore(host, 0, self.world_size, is_master=True, wait_for_workers=False)
+        return host, self.store.port
 
     def run(self, cfg, run_dir: str, master: tuple[str, int], resume_from: str | None, owners: dict | None) -> dict:
         import warnings
@@ -46,10 +48,14 @@ class TrainWorker:
         )
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_gpu else "gloo")
         device = torch.device("cuda", 0) if self.use_gpu else torch.device("cpu")
         if self.use_gpu:
             torch.cuda.set_device(device)
+        # The group forms on rank 0's store, listening since rendezvous_address(): the port was never free.
+        store = self.store if self.rank == 0 else torch.distributed.TCPStore(*master, self.world_size, is_master=False)
+        backend = "nccl" if self.use_gpu else "gloo"
+        torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts the process group
 
         from curvtrain.distributed.trainer import Trainer
 

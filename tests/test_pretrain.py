@@ -100,3 +100,26 @@ def test_killed_worker_restarts_from_last_checkpoint(runs, tmp_path):
     assert [r["step"] for r in records] == list(range(1, 21))  # nothing lost, nothing duplicated
     assert max(abs(a - b) for a, b in zip(reference, losses(run_dir))) <= 1e-6
     assert summary["step"] == 20
+
+
+def test_rendezvous_port_is_held_until_the_group_forms(ray_runtime):
+    """Rank 0's TCP store listens on its port from the moment the address is handed out, so no other
+    process (another run's rendezvous included) can bind it in between; two groups get two ports."""
+    import errno
+    import socket
+
+    import ray
+
+    from curvtrain.distributed.worker import TrainWorker
+
+    actors = [TrainWorker.options(num_cpus=0.1).remote(0, 2, False, 1) for _ in range(2)]
+    try:
+        addresses = ray.get([a.rendezvous_address.remote(True) for a in actors])
+        assert addresses[0][1] != addresses[1][1]
+        for host, port in addresses:
+            with socket.socket() as s, pytest.raises(OSError) as taken:
+                s.bind((host, port))
+            assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        for a in actors:
+            ray.kill(a)
