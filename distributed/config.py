@@ -46,7 +46,8 @@ class EngineConfig:
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
     precision: str = "fp32"
-    """"fp32" or "bf16" (bf16 weights and activations, fp32 master weights in the optimizer)."""
+    """"fp32" or "bf16": bf16 weights and activations; fp32 master weights under ZeRO (DeepSpeed's bf16
+    optimizer), none for owner-sharded optimizers (fp32 state, stochastically rounded updates)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
