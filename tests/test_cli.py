@@ -49,34 +49,35 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
 
 
 def test_failure_during_the_run_exits_1_and_the_run_resumes(tmp_path):
-    """A real failure inside the workers mid-run (the next checkpoint's folder is taken by a file, so
-    the save raises an OSError there): exit 1, not the 2 of bad input, with the worker's traceback; the
-    last sealed checkpoint stays intact and --resume finishes the run once the cause is removed."""
+    """A real failure inside a worker mid-run: where the step 8 checkpoint's config.yaml goes there is a
+    folder, so rank 0's save raises IsADirectoryError (an OSError, which used to exit 2 like bad input).
+    Exit 1 with the worker's traceback; the last sealed checkpoint stays intact, and --resume (which
+    drops the unsealed step 8 folder) finishes the run."""
     from curvtrain.distributed import checkpoint
     from curvtrain.distributed.metrics import read_metrics
 
     run_dir = tmp_path / "run"
     first, blocked = run_dir / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000008"
 
-    def take_the_next_checkpoint_folder() -> None:
+    def block_the_next_checkpoint() -> None:
         deadline = time.time() + 600
         while not (first / checkpoint.MANIFEST).exists() and time.time() < deadline:
             time.sleep(0.01)
-        blocked.write_text("a file where the step 8 checkpoint folder goes")
+        (blocked / "config.yaml").mkdir(parents=True)
 
-    blocker = threading.Thread(target=take_the_next_checkpoint_folder)
+    blocker = threading.Thread(target=block_the_next_checkpoint)
     blocker.start()
     args = ("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--set", "schedule.max_steps=10",
             "--set", "run.checkpoint_interval=4")
     failed = curvtrain(*args)
     blocker.join()
     assert failed.returncode == 1, failed.stderr[-3000:]
-    assert "the run failed" in failed.stderr and "Traceback" in failed.stderr and "step_00000008" in failed.stderr
+    assert "the run failed" in failed.stderr and "Traceback" in failed.stderr
+    assert "IsADirectoryError" in failed.stderr and "step_00000008/config.yaml" in failed.stderr
     assert "keeps its last sealed checkpoint step_00000004" in failed.stderr and "--resume" in failed.stderr
     assert checkpoint.latest(run_dir / "checkpoints") == first
     checkpoint.validate(first)
 
-    blocked.unlink()
     resumed = curvtrain(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 11))
