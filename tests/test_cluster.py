@@ -227,7 +227,7 @@ def test_job_runs_ranks_on_both_nodes_and_seals_its_checkpoint(cluster, tmp_path
 
     recorded = json.loads((out / "workers.json").read_text())["nodes"]
     assert [cluster.nodes[r["node_id"]] for r in recorded] == started_by
-    assert sorted(started_by) == ["head", "node"]  # SPREAD: one rank per node (PACK would fill the head)
+    assert sorted(started_by) == ["head", "node"]  # SPREAD: one rank per node (PACK would fill one node)
     assert checkpoint.latest(out / "checkpoints").name == "step_00000004"
     checkpoint.validate(out / "checkpoints" / "step_00000004")
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
