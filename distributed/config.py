@@ -12,6 +12,8 @@ from curvtrain.models.data import DataConfig
 from curvtrain.models.llama import LLAMA_CONFIGS
 from curvtrain.optim import WHOLE_MATRIX, OptimizerConfig, ScheduleConfig
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -70,6 +72,10 @@ class WorkersConfig:
     """CPU cores reserved for (and torch threads used by) each worker."""
     max_restarts: int = 2
     """How often a worker group that lost a worker is restarted from the last checkpoint."""
+    placement: str = "PACK"
+    """How the workers' placement group spreads over the cluster's nodes (all workers start or none):
+    "PACK" (fewest nodes: GPU workers share a node's fast links), "SPREAD" (one per node where possible),
+    "STRICT_PACK" (one node or fail), "STRICT_SPREAD" (a node each or fail). See distributed.placement."""
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -78,6 +84,8 @@ class WorkersConfig:
             raise ValueError(f"cpus_per_worker must be ≥ 1, got {self.cpus_per_worker}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be ≥ 0, got {self.max_restarts}")
+        if self.placement not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENT_STRATEGIES)}, got {self.placement!r}")
 
 
 @dataclass(kw_only=True)

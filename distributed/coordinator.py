@@ -16,8 +16,9 @@ from pathlib import Path
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from curvtrain.distributed import checkpoint
+from curvtrain.distributed import checkpoint, placement
 from curvtrain.distributed.config import TrainConfig, save_config
 from curvtrain.distributed.metrics import plot_losses, truncate_metrics
 from curvtrain.distributed.ownership import plan_for
@@ -39,7 +40,7 @@ class WorkerLost(RunFailed):
 
 
 class WorkerGroup:
-    """num_workers actors, one rank each, started together and killed together."""
+    """num_workers actors, one rank each, gang-scheduled in one placement group and killed together."""
 
     def __init__(self, cfg: TrainConfig, *, local: bool):
         w = cfg.workers
@@ -47,15 +48,18 @@ class WorkerGroup:
         if local:
             env["GLOO_SOCKET_IFNAME"] = "lo"  # a local runtime keeps all traffic on loopback
         self.local = local
+        self.placement = placement.reserve(w)
         self.workers = [
             TrainWorker.options(
-                num_cpus=w.cpus_per_worker, num_gpus=1 if w.use_gpu else 0, runtime_env={"env_vars": env}, max_restarts=0
+                num_cpus=w.cpus_per_worker, num_gpus=1 if w.use_gpu else 0, runtime_env={"env_vars": env}, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
             ).remote(rank, w.num_workers, w.use_gpu, w.cpus_per_worker)
             for rank in range(w.num_workers)
         ]
 
-    def pids(self) -> list[int]:
-        return ray.get([w.pid.remote() for w in self.workers])
+    def describe(self) -> dict:
+        """Per rank: the worker's process id and the node it runs on (recorded in RUN_DIR/workers.json)."""
+        return {"pids": ray.get([w.pid.remote() for w in self.workers]), "nodes": placement.bundle_nodes(self.placement)}
 
     def run(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None, owners: dict[str, int] | None) -> dict:
         master = ray.get(self.workers[0].rendezvous_address.remote(self.local))
@@ -74,6 +78,7 @@ class WorkerGroup:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w, no_restart=True)
+        ray.util.remove_placement_group(self.placement)
 
 
 class Coordinator:
@@ -117,6 +122,7 @@ class Coordinator:
 
     def run(self) -> dict:
         resume_from = self.resume_from if self.checked else self.check()
+        placement.check_fits(placement.cluster_nodes(), self.cfg.workers)  # never wait for what cannot come
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         for attempt in range(self.cfg.workers.max_restarts + 1):
@@ -125,7 +131,7 @@ class Coordinator:
             self.remove_unsealed_checkpoints()
             group = WorkerGroup(self.cfg, local=self.local)
             try:
-                (self.run_dir / "workers.json").write_text(json.dumps({"attempt": attempt, "pids": group.pids()}))
+                (self.run_dir / "workers.json").write_text(json.dumps({"attempt": attempt, **group.describe()}))
                 summary = group.run(self.cfg, self.run_dir, resume_from, self.owners)
                 break
             except WorkerLost as e:

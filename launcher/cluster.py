@@ -2,28 +2,27 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Mapping
 
 
 def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int = 0) -> bool:
     """Join the cluster at `address`, or start a local runtime bound to loopback. Returns True if local.
 
-    The local runtime offers at least the CPUs the workers ask for (oversubscribing small machines
-    rather than waiting forever), has no dashboard and a small object store: we move no large objects.
+    Joining leaves authentication to the cluster and the environment (`RAY_AUTH_MODE`, `RAY_AUTH_TOKEN`,
+    `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token, as Ray reads them). The local runtime offers at least the
+    CPUs the workers ask for (oversubscribing small machines rather than waiting forever), has no
+    dashboard and a small object store: we move no large objects. Whether the workers fit the nodes is
+    the coordinator's check (`distributed.placement`).
     """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address.startswith("127.0.0.1")
     if address:
         ray.init(address=address, log_to_driver=True)
-        available = ray.cluster_resources()
-        if available.get("CPU", 0) < num_cpus_needed or available.get("GPU", 0) < num_gpus_needed:
-            raise RuntimeError(
-                f"the Ray cluster at {address} offers {available.get('CPU', 0):g} CPUs and "
-                f"{available.get('GPU', 0):g} GPUs; the workers need {num_cpus_needed} CPUs and {num_gpus_needed} GPUs"
-            )
         return False
+    os.environ.update(local_auth_env(os.environ))
     ray.init(
         num_cpus=max(os.cpu_count() or 1, num_cpus_needed),
         num_gpus=num_gpus_needed or None,
@@ -35,3 +34,18 @@ def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int =
         logging_level="WARNING",
     )
     return True
+
+
+def local_auth_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment that makes a new local runtime authenticated with a token only it knows.
+
+    A local runtime advertises 127.0.0.1, but Ray 2.60's gRPC servers (GCS, raylet, workers) listen on
+    every interface and the dashboard agent's job API on the machine's address, so an unauthenticated
+    one runs code for anyone who reaches the machine. With `RAY_AUTH_MODE` unset, Ray ≥ 2.59 starts a
+    local runtime in token mode; this supplies a fresh random token in `RAY_AUTH_TOKEN`, inherited by
+    the runtime's processes and written nowhere (no ~/.ray/auth_token). A `RAY_AUTH_MODE` or
+    `RAY_AUTH_TOKEN` the user set is kept (`RAY_AUTH_MODE=disabled` turns authentication off).
+    """
+    if "RAY_AUTH_MODE" in environ or "RAY_AUTH_TOKEN" in environ:
+        return {}
+    return {"RAY_AUTH_TOKEN": secrets.token_hex(32)}
