@@ -69,7 +69,8 @@ try:
     status = urllib.request.urlopen(url, timeout=10).status
 except urllib.error.HTTPError as e:
     status = e.code
-print(json.dumps({"answer": ray.get(ray.remote(lambda: 42).remote()), "job_api": status}))
+answer = ray.get(ray.remote(lambda: 42).remote())
+print(json.dumps({"answer": answer, "job_api": status, "still_local": connect(None, num_cpus_needed=1)}))
 """
 
 
@@ -82,7 +83,7 @@ def test_local_runtime_works_and_refuses_strangers(auth, job_api):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | auth
     result = subprocess.run([sys.executable, "-c", LOCAL_RUNTIME], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": 42, "job_api": job_api}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": 42, "job_api": job_api, "still_local": True}
 
 
 def free_port() -> int:
