@@ -63,12 +63,14 @@ LOCAL_RUNTIME = """
 import json, urllib.error, urllib.request, ray
 from curvtrain.launcher.cluster import connect
 connect(None, num_cpus_needed=1)
-port = ray.nodes()[0]["DashboardAgentListenPort"]  # the dashboard agent's HTTP API, job submission included
+node = ray.nodes()[0]  # its dashboard agent's HTTP API (job submission included), at the machine's address
+url = f"http://{node['NodeManagerAddress']}:{node['DashboardAgentListenPort']}/api/job_agent/jobs/none/logs"
 try:
-    status = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/job_agent/jobs/none/logs", timeout=10).status
+    status = urllib.request.urlopen(url, timeout=10).status
 except urllib.error.HTTPError as e:
     status = e.code
-print(json.dumps({"answer": ray.get(ray.remote(lambda: 42).remote()), "job_api": status}))
+answer = ray.get(ray.remote(lambda: 42).remote())
+print(json.dumps({"answer": answer, "job_api": status, "still_local": connect(None, num_cpus_needed=1)}))
 """
 
 
@@ -81,7 +83,7 @@ def test_local_runtime_works_and_refuses_strangers(auth, job_api):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | auth
     result = subprocess.run([sys.executable, "-c", LOCAL_RUNTIME], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": 42, "job_api": job_api}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": 42, "job_api": job_api, "still_local": True}
 
 
 def free_port() -> int:
@@ -214,7 +216,7 @@ def test_job_runs_ranks_on_both_nodes_and_seals_its_checkpoint(cluster, tmp_path
     log = tmp_path / "submit.log"
     with open(log, "w") as f:
         job = subprocess.Popen([SUBMIT, f"127.0.0.1:{cluster.dashboard}", CONFIG, out, "--set", "schedule.max_steps=4",
-                                "--set", "workers.placement=SPREAD", "--set", "run.eval_interval=4"],
+                                "--set", "workers.placement=STRICT_SPREAD", "--set", "run.eval_interval=4"],
                                cwd=ROOT, env=cluster.env, stdout=f, stderr=subprocess.STDOUT)
     # While the workers live: which node's raylet started each rank (independent of what workers.json says).
     started_by = None
@@ -227,7 +229,7 @@ def test_job_runs_ranks_on_both_nodes_and_seals_its_checkpoint(cluster, tmp_path
 
     recorded = json.loads((out / "workers.json").read_text())["nodes"]
     assert [cluster.nodes[r["node_id"]] for r in recorded] == started_by
-    assert sorted(started_by) == ["head", "node"]  # SPREAD: one rank per node (PACK would fill one node)
+    assert sorted(started_by) == ["head", "node"]  # a rank per node (PACK, the default, would fill one node)
     assert checkpoint.latest(out / "checkpoints").name == "step_00000004"
     checkpoint.validate(out / "checkpoints" / "step_00000004")
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
