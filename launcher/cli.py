@@ -1,6 +1,7 @@
-"""`curvtrain` command line: pretrain | export.
+"""`curvtrain` command line: pretrain | federate | export.
 
     curvtrain pretrain [--config configs/X.yaml] [--out RUN_DIR] [--set key=value ...] [--resume] [--address ADDR]
+    curvtrain federate --config configs/X.yaml [--out RUN_DIR] [--set key=value ...] [--resume] [--address ADDR]
     curvtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR
 
 Every config problem is reported, naming the field, before Ray or any worker starts.
@@ -26,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field by its dotted path, e.g. --set optimizer.lr=3e-3 (repeatable)")
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     pre.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
+
+    fed = sub.add_parser("federate", help="simulate federated clients (FedAvg, FedProx, SCAFFOLD, FedSpeed) on a pool of Ray actors")
+    fed.add_argument("--config", required=True, help="YAML config, e.g. configs/fed-smoke.yaml")
+    fed.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    fed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field by its dotted path, e.g. --set algorithm.name=scaffold (repeatable)")
+    fed.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    fed.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
 
     exp = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM folder from a run or checkpoint")
     exp.add_argument("source", help="run directory, its checkpoints/ folder, or one step_* checkpoint")
@@ -63,6 +72,41 @@ def pretrain(args) -> int:
     return 0
 
 
+def federate(args) -> int:
+    from curvtrain.distributed.federated.config import FederatedConfig
+
+    cfg = load_config(FederatedConfig, args.config, args.overrides)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    from curvtrain.distributed.federated.server import FederatedServer, object_store_bytes
+    from curvtrain.launcher.cluster import connect
+
+    server = FederatedServer(cfg, run_dir, resume=args.resume)
+    server.check()  # before Ray starts: run dir, checkpoint, data files
+    p = cfg.pool
+    actors = p.num_actors or None  # None: one per CPU slot of the cluster, known once connected
+    connect(args.address, num_cpus_needed=(actors or 1) * p.cpus_per_actor, num_gpus_needed=(actors or 1) if p.use_gpu else 0,
+            object_store_bytes=object_store_bytes(server.model_bytes, actors or _local_slots(p)))
+    summary = server.run()
+    metrics = "  ".join(f"{k} {summary[k]:.4f}" for k in ("test_loss", "test_accuracy") if k in summary)
+    print(
+        f"[curvtrain] done: round {summary.get('round')}  {metrics}\n"
+        f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
+        f"  plots:       {' '.join(summary['plots'])}\n"
+        f"  checkpoint:  {summary['checkpoint']}\n"
+        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
+    )
+    return 0
+
+
+def _local_slots(pool) -> int:
+    import os
+
+    return max(1, (os.cpu_count() or 1) // pool.cpus_per_actor)
+
+
 def export(args) -> int:
     from curvtrain.distributed import checkpoint
     from curvtrain.distributed.config import TrainConfig
@@ -80,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from curvtrain.distributed.checkpoint import CheckpointError
 
     try:
-        return {"pretrain": pretrain, "export": export}[args.command](args)
+        return {"pretrain": pretrain, "federate": federate, "export": export}[args.command](args)
     except (ValueError, CheckpointError, OSError) as e:  # ConfigError, RunDirError, data errors
         print(f"curvtrain: error: {e}", file=sys.stderr)
         return 2

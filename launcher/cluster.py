@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 
 
-def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int = 0) -> bool:
+def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int = 0,
+            object_store_bytes: int = 256 * 1024**2) -> bool:
     """Join the cluster at `address`, or start a local runtime bound to loopback. Returns True if local.
 
     The local runtime offers at least the CPUs the workers ask for (oversubscribing small machines
-    rather than waiting forever), has no dashboard and a small object store: we move no large objects.
+    rather than waiting forever), has no dashboard and an object store of `object_store_bytes`: small
+    for pretraining (no large objects move), sized by `federate` for the model deltas in flight.
     """
     import ray
 
@@ -29,7 +31,7 @@ def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int =
         num_gpus=num_gpus_needed or None,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
-        object_store_memory=256 * 1024**2,
+        object_store_memory=object_store_bytes,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
