@@ -108,7 +108,7 @@ def _standardized(a: dict[str, np.ndarray], source: str) -> ClassificationData:
     if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
         raise DataError(f"{source}: x_train features {a['x_train'].shape[1:]} differ from x_test's {a['x_test'].shape[1:]}")
     x_train = a["x_train"].astype(np.float32)
-    mean, std = x_train.mean(), x_train.std() or 1.0
+    mean, std = np.nanmean(x_train), np.nanstd(x_train) or 1.0  # a missing (NaN) value spoils only its sample
     return ClassificationData(
         x_train=(x_train - mean) / std, y_train=a["y_train"].astype(np.int64),
         x_test=(a["x_test"].astype(np.float32) - mean) / std, y_test=a["y_test"].astype(np.int64),
