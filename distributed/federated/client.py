@@ -65,7 +65,7 @@ def train_client(
         steps=steps,
     )
     model.train()
-    loss_sum, samples, done = torch.zeros((), dtype=torch.float64), 0, 0
+    loss_sum, samples, done = torch.zeros((), dtype=torch.float64, device=start.device), 0, 0
     for batch in batches:
         def backward() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=False)

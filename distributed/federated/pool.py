@@ -29,8 +29,9 @@ class ClientActor:
 
         torch.set_num_threads(threads)
         self.cfg = cfg
+        self.device = torch.device("cuda", 0) if cfg.pool.use_gpu else torch.device("cpu")  # Ray shows one GPU
         self.workload = build_workload(cfg)
-        self.model = self.workload.build_model()  # its initial weights are never used: each round loads xᵗ
+        self.model = self.workload.build_model().to(self.device)  # initial weights unused: each round loads xᵗ
         self.algorithm = cfg.algorithm.build()
 
     def pid(self) -> int:
@@ -40,13 +41,18 @@ class ClientActor:
         from curvtrain.distributed.federated.client import train_client
         from curvtrain.optim import build_optimizer
 
-        local = self.cfg.local
-        return train_client(
+        local, device = self.cfg.local, self.device
+        batches = [tuple(t.to(device) for t in batch) for batch in self.workload.client_batches(client, round_)]
+        result = train_client(
             self.model, self.algorithm, build_optimizer(local.optimizer, self.model.named_parameters()),
-            self.workload.client_batches(client, round_), self.workload.loss,
-            start=start, server_state=server_state, client_state=client_state,
+            batches, self.workload.loss, start=start.to(device),
+            server_state={k: v.to(device) for k, v in server_state.items()},
+            client_state={k: v.to(device) for k, v in client_state.items()},
             lr=lr, steps=local.steps, grad_clip=local.grad_clip,
         )
+        result.upload = {k: v.cpu() for k, v in result.upload.items()}
+        result.state = {k: v.cpu() for k, v in result.state.items()}
+        return result
 
 
 class ActorPool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -100,6 +101,8 @@ class FederatedServer:
         save_config(self.cfg, self.run_dir / "config.yaml")
         if self.resume_from is not None:
             self.store.restore(self.resume_from / "client_state")
+        else:  # a fresh run (check() found no checkpoint): states of an earlier, unsaved attempt are void
+            shutil.rmtree(self.store.root, ignore_errors=True)
         truncate_metrics(self.run_dir, self.round, step_key="round")
         self.remove_unsealed_checkpoints()
         pool = ActorPool(self.cfg, self.num_actors())
@@ -201,8 +204,6 @@ class FederatedServer:
         self.round = meta["round"]
 
     def remove_unsealed_checkpoints(self) -> None:
-        import shutil
-
         for folder in self.ckpt_root.glob("step_*"):
             if not (folder / checkpoint.MANIFEST).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
