@@ -11,15 +11,17 @@ METRICS = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Appends one JSON object per record to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends one JSON object per record to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard,
+    indexed by the record's `step_key` ("step" for pretraining, "round" for federated runs).
 
     `start_step` is the step the run continues from (0, or a checkpoint's): metrics.jsonl was truncated
     there (`truncate_metrics`), and TensorBoard is told to purge its events after it (purge_step), so a
     resumed or restarted run shows each step once."""
 
-    def __init__(self, run_dir: Path, start_step: int = 0):
+    def __init__(self, run_dir: Path, start_step: int = 0, step_key: str = "step"):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.step_key = step_key
         self.path = Path(run_dir) / METRICS
         self.file = open(self.path, "a", buffering=1)
         self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
@@ -27,8 +29,8 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record["step"])
+            if key != self.step_key and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, record[self.step_key])
 
     def close(self) -> None:
         self.file.close()
@@ -52,11 +54,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
+def truncate_metrics(run_dir: Path, last_step: int, step_key: str = "step") -> None:
     """Drop records after `last_step` (a restart from that checkpoint will write them again)."""
     path = Path(run_dir) / METRICS
     if path.is_file():
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+        kept = [r for r in read_metrics(run_dir) if r[step_key] <= last_step]
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 

@@ -1,6 +1,7 @@
-"""`curvtrain` command line: pretrain | export.
+"""`curvtrain` command line: pretrain | federate | export.
 
     curvtrain pretrain [--config configs/X.yaml] [--out RUN_DIR] [--set key=value ...] [--resume] [--address ADDR]
+    curvtrain federate --config configs/X.yaml [--out RUN_DIR] [--set key=value ...] [--resume] [--address ADDR]
     curvtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR
 
 Every config problem is reported, naming the field, before Ray or any worker starts.
@@ -30,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     pre.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
 
+    fed = sub.add_parser("federate", help="simulate federated clients (FedAvg, FedProx, SCAFFOLD, FedSpeed) on a pool of Ray actors")
+    fed.add_argument("--config", required=True, help="YAML config, e.g. configs/fed-smoke.yaml")
+    fed.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    fed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field by its dotted path, e.g. --set algorithm.name=scaffold (repeatable)")
+    fed.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    fed.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
+
     exp = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM folder from a run or checkpoint")
     exp.add_argument("source", help="run directory, its checkpoints/ folder, or one step_* checkpoint")
     exp.add_argument("out_dir", help="folder to create (safetensors + config.json + tokenizer files)")
@@ -45,8 +54,7 @@ def pretrain(args) -> int:
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    from curvtrain.distributed import checkpoint
-    from curvtrain.distributed.coordinator import Coordinator, RunFailed
+    from curvtrain.distributed.coordinator import Coordinator
     from curvtrain.launcher.cluster import connect
 
     coordinator = Coordinator(cfg, run_dir, resume=args.resume)
@@ -55,13 +63,8 @@ def pretrain(args) -> int:
     local = connect(args.address, num_cpus_needed=w.num_workers * w.cpus_per_worker,
                     num_gpus_needed=w.num_workers if w.use_gpu else 0)
     coordinator.local = local
-    try:
-        summary = coordinator.run()
-    except RunFailed as e:  # after the workers started: a failure, not bad input
-        kept = checkpoint.latest(run_dir / "checkpoints")
-        print(f"curvtrain: the run failed:\n{e}\ncurvtrain: {run_dir} keeps "
-              f"{f'its last sealed checkpoint {kept.name}' if kept else 'no checkpoint yet'}; fix the cause, then "
-              f"continue it with --resume", file=sys.stderr)
+    summary = run_or_report(coordinator.run, run_dir)
+    if summary is None:
         return 1
     print(
         f"[curvtrain] done: step {summary.get('step')}  loss {summary.get('loss', float('nan')):.4f}  "
@@ -72,6 +75,59 @@ def pretrain(args) -> int:
         f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
     )
     return 0
+
+
+def federate(args) -> int:
+    from curvtrain.distributed.federated.config import FederatedConfig
+
+    cfg = load_config(FederatedConfig, args.config, args.overrides)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    from curvtrain.distributed.federated.server import FederatedServer, object_store_bytes
+    from curvtrain.launcher.cluster import connect
+
+    server = FederatedServer(cfg, run_dir, resume=args.resume)
+    server.check()  # before Ray starts: run dir, checkpoint, data files
+    p = cfg.pool
+    actors = p.num_actors or None  # None: one per CPU slot of the cluster, known once connected
+    connect(args.address, num_cpus_needed=(actors or 1) * p.cpus_per_actor, num_gpus_needed=(actors or 1) if p.use_gpu else 0,
+            object_store_bytes=object_store_bytes(server.model_bytes, actors or _local_slots(p)))
+    summary = run_or_report(server.run, run_dir)
+    if summary is None:
+        return 1
+    metrics = "  ".join(f"{k} {summary[k]:.4f}" for k in ("test_loss", "test_accuracy") if k in summary)
+    print(
+        f"[curvtrain] done: round {summary.get('round')}  {metrics}\n"
+        f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
+        f"  plots:       {' '.join(summary['plots'])}\n"
+        f"  checkpoint:  {summary['checkpoint']}\n"
+        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
+    )
+    return 0
+
+
+def run_or_report(run, run_dir: Path) -> dict | None:
+    """`run()`'s summary; or, when the run fails after its workers started (a failure, not bad input:
+    exit 1), None after printing the workers' traceback and the checkpoint the run directory keeps."""
+    from curvtrain.distributed import checkpoint
+    from curvtrain.distributed.coordinator import RunFailed
+
+    try:
+        return run()
+    except RunFailed as e:
+        kept = checkpoint.latest(run_dir / "checkpoints")
+        print(f"curvtrain: the run failed:\n{e}\ncurvtrain: {run_dir} keeps "
+              f"{f'its last sealed checkpoint {kept.name}' if kept else 'no checkpoint yet'}; fix the cause, then "
+              f"continue it with --resume", file=sys.stderr)
+        return None
+
+
+def _local_slots(pool) -> int:
+    import os
+
+    return max(1, (os.cpu_count() or 1) // pool.cpus_per_actor)
 
 
 def export(args) -> int:
@@ -91,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from curvtrain.distributed.checkpoint import CheckpointError
 
     try:
-        return {"pretrain": pretrain, "export": export}[args.command](args)
+        return {"pretrain": pretrain, "federate": federate, "export": export}[args.command](args)
     except (ValueError, CheckpointError, OSError) as e:  # ConfigError, RunDirError, data errors
         print(f"curvtrain: error: {e}", file=sys.stderr)
         return 2

@@ -9,14 +9,16 @@ _started_here: str | None = None
 """GCS address of the local runtime this process started (it holds the machine's address, not 127.0.0.1)."""
 
 
-def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int = 0) -> bool:
+def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int = 0,
+            object_store_bytes: int = 256 * 1024**2) -> bool:
     """Join the cluster at `address`, or start a local runtime. Returns True if local.
 
     Joining leaves authentication to the cluster and the environment (`RAY_AUTH_MODE`, `RAY_AUTH_TOKEN`,
     `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token, as Ray reads them). The local runtime offers at least the
     CPUs the workers ask for (oversubscribing small machines rather than waiting forever), has no
-    dashboard and a small object store: we move no large objects. Whether the workers fit the nodes is
-    the coordinator's check (`distributed.placement`).
+    dashboard and an object store of `object_store_bytes`: small for pretraining (no large objects
+    move), sized by `federate` for the model deltas in flight. Whether the workers fit the nodes is the
+    coordinator's check (`distributed.placement`).
     """
     global _started_here
     import ray
@@ -32,14 +34,13 @@ def connect(address: str | None, *, num_cpus_needed: int, num_gpus_needed: int =
         num_gpus=num_gpus_needed or None,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
-        object_store_memory=256 * 1024**2,
+        object_store_memory=object_store_bytes,
         log_to_driver=True,
         configure_logging=True,
         logging_level="WARNING",
     )
     _started_here = context.address_info["gcs_address"]
     return True
-
 
 
 def local_auth_env(environ: Mapping[str, str]) -> dict[str, str]:

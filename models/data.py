@@ -198,7 +198,7 @@ class TokenData:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), int64 tensors of shape [micro_batch_size, seq_len]; targets = inputs shifted by one."""
         chunks = self.sample_indices(step, micro_step, rank, world_size, micro_batch_size, grad_accum)
-        return self._read(0, chunks)
+        return self.read(0, chunks)
 
     def val_batches(
         self, micro_batch_size: int, rank: int, world_size: int, max_samples: int | None = None
@@ -219,7 +219,7 @@ class TokenData:
                 f"on {world_size} ranks"
             )
         starts = range(rank * micro_batch_size, per_rank * world_size * micro_batch_size, world_size * micro_batch_size)
-        return (self._read(self._val_start, np.arange(start, start + micro_batch_size)) for start in starts)
+        return (self.read(self._val_start, np.arange(start, start + micro_batch_size)) for start in starts)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
@@ -229,7 +229,13 @@ class TokenData:
             self._permutations[epoch] = rng.permutation(self._num_train)
         return self._permutations[epoch]
 
-    def _read(self, region_start: int, chunks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def train_tokens(self) -> np.ndarray:
+        """The training region of the token stream (memory-mapped)."""
+        return self.tokens[: self._val_start]
+
+    def read(self, region_start: int, chunks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the chunks numbered `chunks` counted from token `region_start`."""
         positions = region_start + chunks[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         rows = torch.from_numpy(np.asarray(self.tokens[positions], dtype=np.int64))
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -90,6 +90,11 @@ def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.
     return AdamW(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+def build_sgd(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """Plain SGD (no momentum), weight decay on matrices: the local optimizer of the federated papers."""
+    return torch.optim.SGD(decay_groups(named_params, cfg.weight_decay), lr=cfg.lr)
+
+
 def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
     """GradNormLoRP on the `lowrank.targets` matrices, AdamW on the rest (optim.gradnorm_lorp)."""
     lr = cfg.lowrank
@@ -122,6 +127,7 @@ def build_galore_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch
 
 OPTIMIZERS: dict[str, Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]] = {
     "adamw": build_adamw,
+    "sgd": build_sgd,
     "gradnorm_lorp": build_gradnorm_lorp,
     "galore_adamw": build_galore_adamw,
 }
