@@ -27,14 +27,13 @@ stored in the weight's dtype when that is bf16/fp16 (as GaLore does) and used in
 
 import re
 from collections.abc import Callable, Iterable
-from itertools import chain
-
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
 from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
 from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from .state import restore_saved_dtypes
 
 # Targets of the LLaMA trainer: the attention and MLP projection matrices (GaLore's choice).
 LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
@@ -265,12 +264,7 @@ class GradNormLoRP(torch.optim.Optimizer):
         # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; ours keeps
         # float32 statistics for bf16 weights and uint8 codes on purpose, so restore the saved dtypes.
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                device = value.device if key == "step" else p.device  # the step count stays on the CPU
-                self.state[p][key] = value.to(device, copy=True)
+        restore_saved_dtypes(self, state_dict)
 
 
 def lowrank_param_groups(
