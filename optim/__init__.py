@@ -3,11 +3,11 @@ from curvtrain.optim.adahessian import AdaHessian
 from curvtrain.optim.gradnorm_lorp import GradNormLoRP
 from curvtrain.optim.mfac import MFAC
 from curvtrain.optim.per_layer import attach_per_layer_step
-from curvtrain.optim.registry import OPTIMIZERS, WHOLE_MATRIX, LowRankConfig, OptimizerConfig, build_optimizer
+from curvtrain.optim.registry import OPTIMIZERS, LowRankConfig, Needs, OptimizerConfig, build_optimizer
 from curvtrain.optim.schedule import ScheduleConfig, warmup_cosine
 from curvtrain.optim.sophia import Sophia
 
 __all__ = [
-    "MFAC", "OPTIMIZERS", "WHOLE_MATRIX", "AdaHessian", "GradNormLoRP", "LowRankConfig", "OptimizerConfig",
+    "MFAC", "OPTIMIZERS", "AdaHessian", "GradNormLoRP", "LowRankConfig", "Needs", "OptimizerConfig",
     "ScheduleConfig", "Sophia", "attach_per_layer_step", "build_optimizer", "warmup_cosine",
 ]

@@ -228,3 +228,18 @@ def test_state_dict_round_trip_resumes_exactly(name):
     assert torch.equal(full.detach(), half.detach())
     assert not torch.equal(half.detach(), w0)
     assert copy.deepcopy(resumed.state_dict())["state"]  # tensors only: deep-copyable, non-empty
+
+
+@pytest.mark.parametrize("name", ["sophia", "adahessian", "mfac"])
+def test_state_numel_is_the_state_the_optimizer_allocates(name):
+    """Block ownership is balanced by `state_numel`: it must count the floating state really created."""
+    params = [nn.Parameter(torch.randn(7, 9)), nn.Parameter(torch.randn(4))]
+    opt = make(name, params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    if hasattr(opt, "update_hessian"):
+        opt.update_hessian()
+    opt.step()
+    for p in params:
+        allocated = sum(t.numel() for t in opt.state[p].values() if t.is_floating_point())
+        assert opt.state_numel(p, opt.param_groups[0]) == allocated
