@@ -38,7 +38,7 @@ ROWS = {
     "mfac_gns": ["optimizer.name=mfac", "engine.zero_stage=0", "optimizer.mfac.window=32", "optimizer.mfac.damping=gns",
                  "optimizer.lr=1.0", "optimizer.weight_decay=0", "engine.grad_clip=0"],
 }
-LR = {"adamw": 3e-3, "sophia": 3e-3, "adahessian": 3e-2, "mfac": 1e-4}  # plausible values; time does not depend on them
+LR = {"adamw": 3e-3, "sophia": 3e-3, "adahessian": 0.15, "mfac": 1e-3}  # plausible values; time does not depend on them
 
 
 def config(spec: dict):

@@ -17,10 +17,10 @@ CASES = {
     # Sophia-G, an estimate every 3 steps on all micro-batches of the step
     "sophia": ("optimizer.name=sophia", "optimizer.sophia.every=3", "optimizer.lr=2e-3"),
     # AdaHessian, a Hutchinson estimate (double backward) every step
-    "adahessian": ("optimizer.name=adahessian", "optimizer.lr=0.05"),
+    "adahessian": ("optimizer.name=adahessian", "optimizer.lr=0.15"),
     # blockwise M-FAC with momentum; blocks of 4096 entries cut the embedding and head into many
     "mfac": ("optimizer.name=mfac", "optimizer.mfac.window=4", "optimizer.mfac.damping=1e-3",
-             "optimizer.mfac.momentum=0.5", "optimizer.mfac.block_size=4096", "optimizer.lr=1e-4"),
+             "optimizer.mfac.momentum=0.5", "optimizer.mfac.block_size=4096", "optimizer.lr=1e-2"),
     # M-FAC with GNS damping: the step re-evaluates the batch through the trainer's closure
     "mfac_gns": ("optimizer.name=mfac", "optimizer.mfac.window=4", "optimizer.mfac.damping=gns",
                  "optimizer.mfac.block_size=4096", "optimizer.lr=1.0", "optimizer.weight_decay=0", "engine.grad_clip=0"),
@@ -49,7 +49,7 @@ def test_two_workers_equal_one_worker_after_20_steps(runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sophia", "adahessian", "mfac_gns"])
+@pytest.mark.parametrize("name", ["sophia", "mfac_gns"])  # the two kinds of curvature state: h; windows and γ
 def test_resume_equals_uninterrupted(runs, tmp_path, name):
     overrides = (*ZERO0, *CASES[name], *TWO)
     full = runs(*overrides)
