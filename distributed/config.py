@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from curvtrain.models.data import DataConfig
 from curvtrain.models.llama import LLAMA_CONFIGS
-from curvtrain.optim import WHOLE_MATRIX, OptimizerConfig, ScheduleConfig
+from curvtrain.optim import OptimizerConfig, ScheduleConfig
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
 
@@ -134,18 +134,45 @@ class TrainConfig:
                 f"({per_step}): every worker evaluates at least one micro-batch"
             )
         if self.owner_sharded and self.engine.zero_stage != 0:
-            why = "optimizer.per_layer" if self.optimizer.per_layer else f"optimizer.name={self.optimizer.name} (needs whole matrices)"
+            why = "optimizer.per_layer" if self.optimizer.per_layer else f"optimizer.name={self.optimizer.name} (needs whole blocks)"
             raise ValueError(
                 f"{why} runs owner-sharded across workers and needs engine.zero_stage=0: ZeRO 1-3 hand the "
                 f"optimizer flat partitions (got engine.zero_stage={self.engine.zero_stage})"
             )
         if self.optimizer.per_layer and self.engine.grad_clip > 0:
             raise ValueError("optimizer.per_layer frees each gradient inside backward, so there is no global norm to clip: set engine.grad_clip=0")
+        self.check_needs()
+
+    def check_needs(self) -> None:
+        """The combinations the optimizer's registry entry rules out (optim.registry.Needs)."""
+        name, needs = self.optimizer.name, self.optimizer.needs
+        if self.engine.zero_stage not in needs.zero_stages:
+            raise ValueError(f"optimizer.name={name} supports engine.zero_stage in {list(needs.zero_stages)}, got {self.engine.zero_stage}")
+        if self.optimizer.per_layer and not needs.per_layer:
+            why = "its step re-evaluates the batch" if needs.closure else "its update is not per parameter inside backward"
+            raise ValueError(f"optimizer.per_layer is not supported by optimizer.name={name} ({why}): set optimizer.per_layer=false")
+        if needs.closure and self.engine.grad_clip > 0:
+            raise ValueError(
+                f"optimizer.name={name} re-evaluates its own gradients through a closure, which global clipping "
+                f"does not reach: set engine.grad_clip=0"
+            )
+        if needs.estimate is not None:
+            field = f"optimizer.{name}"
+            if needs.estimate.micro_batches > self.grad_accum:
+                raise ValueError(
+                    f"{field}.micro_batches ({needs.estimate.micro_batches}) must be ≤ the micro-batches per worker "
+                    f"and step, batch.global_batch_size / (batch.micro_batch_size × workers.num_workers) = {self.grad_accum}"
+                )
+            if needs.estimate.estimator == "hutchinson" and needs.estimate.method == "autograd" and self.model.compile:
+                raise ValueError(
+                    f"{field}.method=autograd differentiates twice, which a torch.compile'd model does not support: "
+                    f"set {field}.method=finite_difference or model.compile=false"
+                )
 
     @property
     def owner_sharded(self) -> bool:
         """Whole parameters owned by ranks (distributed.sharded) instead of DeepSpeed ZeRO partitions."""
-        return self.optimizer.name in WHOLE_MATRIX or self.optimizer.per_layer
+        return self.optimizer.needs.whole_blocks or self.optimizer.per_layer
 
     @property
     def grad_accum(self) -> int:

@@ -1,4 +1,5 @@
-"""Owner-sharded data parallelism for optimizers that need whole matrices (GradNormLoRP).
+"""Owner-sharded data parallelism for optimizers that need whole matrices (GradNormLoRP) or keep
+per-block curvature state (Sophia, AdaHessian, M-FAC).
 
 DeepSpeed ZeRO hands an optimizer flat 1-D partitions, which destroys the 2-D structure a low-rank
 projection needs. Instead each rank owns whole parameters (`ownership.assign_owners`) and wraps the
@@ -12,8 +13,15 @@ unchanged `optim/` optimizer so that:
 
 Everything else (precision, gradient accumulation, clipping, checkpoint I/O) stays with the DeepSpeed
 engine, at ZeRO stage 0. Each rank checkpoints its own shard (`state_dict`).
+
+Curvature estimates (`reduce_estimates_to_owners`) are summed onto each block's owner with one
+`dist.reduce` per block (not an all-reduce and a broadcast), so only the owner ever holds a block's
+estimate and curvature state. An update rule that re-evaluates the batch (M-FAC with GNS damping)
+steps all owned blocks at once with a closure (`step_with_closure`).
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,23 +40,31 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
         self.owner = {p: owners[names[p]] for group in inner.param_groups for p in group["params"]}
         super().__init__([{"params": [p]} for p in self.owner], inner.defaults)
         self.param_groups, self.state = inner.param_groups, inner.state  # one set of groups and state
+        self.closure: Callable[[], torch.Tensor] | None = None
+        """Set by the trainer for an update rule whose step needs a closure (DeepSpeed calls step() bare)."""
+        if hasattr(inner, "reduce_sum"):  # the rule's norms are over all blocks: add the shards' partial sums
+            inner.reduce_sum = _sum_over_ranks
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Like torch.optim.Optimizer.step: `closure` (re-evaluates the loss and calls backward) runs
-        first, with gradients enabled, and its loss is returned."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """Like torch.optim.Optimizer.step: `closure` (or the trainer's `self.closure`) re-evaluates the
+        loss and calls backward, with gradients enabled, and its loss is returned. With per-layer
+        updates that backward steps every parameter inside its hooks; otherwise the owners step their
+        blocks together through the closure (`step_with_closure`)."""
+        closure = closure or self.closure
         if self.per_layer:
-            return loss  # every parameter was already stepped inside backward
+            if closure is None:
+                return None  # every parameter was already stepped inside backward
+            with torch.enable_grad():
+                return closure()
+        if closure is not None:
+            return self.step_with_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if self.owner[p] == self.rank and p.grad is not None:
                     step_one_param(self.inner, p, group)
         self.broadcast_from_owners()
-        return loss
+        return None
 
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, group: dict) -> None:
@@ -59,6 +75,41 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
             p.grad.div_(self.world_size)
             step_one_param(self.inner, p, group)
         dist.broadcast(p.data, src=owner)
+
+    @torch.no_grad()
+    def step_with_closure(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One step of `inner` over all owned parameters together; before each evaluation of `closure`
+        (which computes the loss and the averaged gradients on every rank) the owners' trial weights
+        are broadcast, so every rank evaluates the same point."""
+
+        def at_current_weights() -> torch.Tensor:
+            self.broadcast_from_owners()
+            return closure()
+
+        saved = [group["params"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["params"] = [p for p in group["params"] if self.owner[p] == self.rank]
+        try:
+            loss = self.inner.step(at_current_weights)
+        finally:
+            for group, params in zip(self.param_groups, saved):
+                group["params"] = params
+        self.broadcast_from_owners()
+        return loss
+
+    @torch.no_grad()
+    def reduce_estimates_to_owners(self, params: Sequence[torch.Tensor], estimates: Sequence[torch.Tensor], scale: float) -> None:
+        """Curvature estimates, one per parameter (this rank's sum): each is summed onto its owner
+        (`dist.reduce`, SUM) and scaled there by `scale`; the owner's lands in p.grad for the update
+        rule's `update_hessian()`, the other ranks keep no copy (p.grad = None)."""
+        for p, estimate in zip(params, estimates):
+            owner = self.owner[p]
+            dist.reduce(estimate, dst=owner, op=dist.ReduceOp.SUM)
+            p.grad = estimate.mul_(scale) if owner == self.rank else None
+
+    def update_hessian(self) -> None:
+        """Fold the estimates in p.grad (owned blocks only) into the rule's curvature state."""
+        self.inner.update_hessian()
 
     def broadcast_from_owners(self) -> None:
         for p, owner in self.owner.items():
@@ -78,3 +129,9 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
         for group, loaded in zip(groups, self.inner.param_groups):
             group.update(loaded)
         self.inner.param_groups = self.param_groups = groups
+
+
+def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    value = value.clone()
+    dist.all_reduce(value)
+    return value

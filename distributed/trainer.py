@@ -1,18 +1,22 @@
 """One data-parallel worker's training loop around a DeepSpeed engine.
 
 Runs inside a process whose process group is already initialized (see `distributed.worker`).
-`train_step` reads as named steps: micro-batches of forward/backward, the engine's optimizer step at
-the accumulation boundary. The loss stays on the device between log intervals (no host sync in the
-hot loop); logging, evaluation and checkpoints are gated by their intervals.
+`train_step` reads as named steps: a curvature estimate when the optimizer says one is due,
+micro-batches of forward/backward, the engine's optimizer step at the accumulation boundary. The
+loss stays on the device between log intervals (no host sync in the hot loop); logging, evaluation
+and checkpoints are gated by their intervals.
 """
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.config import TrainConfig, save_config
@@ -22,6 +26,7 @@ from curvtrain.distributed.sharded import OwnerShardedOptimizer
 from curvtrain.models.data import TokenData
 from curvtrain.models.llama import LlamaForCausalLM, llama_config
 from curvtrain.optim import attach_per_layer_step, build_optimizer, warmup_cosine
+from curvtrain.optim.curvature import gnb_diag, hutchinson_diag
 
 
 def build_model_and_optimizer(cfg: TrainConfig) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
@@ -43,6 +48,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         model, optimizer = build_model_and_optimizer(cfg)
         model.to(device)
+        self.rule = optimizer  # the update rule itself, unwrapped: its metrics
+        self.needs = cfg.optimizer.needs  # what it asks of this loop (optim.registry.Needs)
         if cfg.owner_sharded:
             names = {p: n for n, p in model.named_parameters()}
             optimizer = OwnerShardedOptimizer(optimizer, owners, names, per_layer=cfg.optimizer.per_layer)
@@ -77,18 +84,88 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch; returns this rank's mean micro-batch loss (on device)."""
         cfg = self.cfg
+        if self.needs.estimate is not None and self.needs.estimate.due(self.step):
+            self.estimate_curvature()
+        if self.needs.closure:
+            self.optimizer.closure = self.batch_closure()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            inputs, targets = self.data.train_batch(
-                self.step, micro, self.rank, self.world_size, cfg.batch.micro_batch_size, cfg.grad_accum
-            )
-            loss = self.engine(inputs.to(self.device), targets.to(self.device))
+            inputs, targets = self.micro_batch(micro)
+            loss = self.engine(inputs, targets)
             self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces at the boundary
             self.engine.step()  # optimizer + LR step only at the accumulation boundary
             loss_sum += loss.detach().float()
         self.step += 1
         self.tokens += cfg.batch.global_batch_size * cfg.data.seq_len
         return loss_sum / cfg.grad_accum
+
+    def micro_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of this rank's micro-batch `micro` of the current step, on the device."""
+        b = self.cfg.batch
+        inputs, targets = self.data.train_batch(self.step, micro, self.rank, self.world_size, b.micro_batch_size, self.cfg.grad_accum)
+        return inputs.to(self.device), targets.to(self.device)
+
+    def estimate_curvature(self) -> None:
+        """The optimizer's curvature estimate (registry `Estimate`) on this step's first micro-batches,
+        taken on engine.module through torch.autograd.grad, so that neither DeepSpeed's gradient buffers
+        nor per-layer hooks see it; the mean over all workers' micro-batches is reduced to each block's
+        owner and folded into the optimizer's state there. Each micro-batch draws its labels (GNB) or
+        Rademacher vectors (Hutchinson) from a generator seeded by (seed, step, global micro-batch), so
+        the estimate does not depend on which worker computes it."""
+        est, module = self.needs.estimate, self.engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        count = est.micro_batches or self.cfg.grad_accum
+        total = None
+        for micro in range(count):
+            inputs, targets = self.micro_batch(micro)
+            generator = torch.Generator(self.device).manual_seed(
+                hash((self.cfg.run.seed, self.step, micro * self.world_size + self.rank)) & (2**63 - 1)
+            )
+            if est.estimator == "gnb":  # the model returns logits when given no targets
+                diag = gnb_diag(lambda: module(inputs), params, generator=generator)
+            else:
+                with sdpa_kernel(SDPBackend.MATH) if est.method == "autograd" else nullcontext():  # twice differentiable
+                    diag = hutchinson_diag(lambda: module(inputs, targets), params, method=est.method, generator=generator)
+            total = diag if total is None else [t.add_(d) for t, d in zip(total, diag)]
+        self.optimizer.reduce_estimates_to_owners(params, total, scale=1 / (count * self.world_size))
+        self.optimizer.update_hessian()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def batch_closure(self) -> Callable[[], torch.Tensor]:
+        """A closure for optimizers that re-evaluate the step's batch (registry `closure`): the mean loss
+        of the step's global batch at the current weights, and its mean gradient in every p.grad, on every
+        rank (taken through torch.autograd.grad on engine.module, reduced with all-reduce)."""
+        module, accum = self.engine.module, self.cfg.grad_accum
+        params = [p for p in module.parameters() if p.requires_grad]
+        batches = [self.micro_batch(micro) for micro in range(accum)]
+
+        def closure() -> torch.Tensor:
+            loss_sum, grads = torch.zeros((), device=self.device), [torch.zeros_like(p) for p in params]
+            with torch.enable_grad():
+                for inputs, targets in batches:
+                    loss = module(inputs, targets) / accum
+                    for g, d in zip(grads, torch.autograd.grad(loss, params)):
+                        g.add_(d)
+                    loss_sum += loss.detach().float()
+            for p, g in zip(params, grads):
+                dist.all_reduce(g)
+                p.grad = g.div_(self.world_size)
+            dist.all_reduce(loss_sum)
+            return loss_sum / self.world_size
+
+        return closure
+
+    def optimizer_metrics(self) -> dict[str, float]:
+        """The update rule's own statistics (Sophia's win rate, GNS's γ): its (numerator, denominator)
+        sums of this rank's blocks added up over all ranks."""
+        if not hasattr(self.rule, "metrics"):
+            return {}
+        out = {}
+        for name, (num, den) in self.rule.metrics().items():
+            pair = torch.stack([num, den]).to(self.device, torch.float64)
+            dist.all_reduce(pair)
+            out[name] = (pair[0] / pair[1]).item()
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -167,6 +244,7 @@ class Trainer:
                     tokens_per_s=(self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9),
                     elapsed_s=time.perf_counter() - start,
                     peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
+                    **self.optimizer_metrics(),
                 )
             if self.step % run.eval_interval == 0 or last:
                 val_loss = self.evaluate()

@@ -16,7 +16,6 @@ output head) are decayed, vectors (norm gains, biases) are not (nanoGPT's and Ga
 """
 
 from collections.abc import Callable, Iterable
-from itertools import chain
 
 import torch
 from torch import Tensor
@@ -24,6 +23,7 @@ from torch.nn import Parameter
 
 from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
 from .rounding import write_weight_
+from .state import restore_saved_dtypes, state_dtype
 
 # Tensors smaller than this keep full-precision moments under eight_bit (bitsandbytes' min_8bit_size):
 # norm gains are small and sensitive.
@@ -44,11 +44,6 @@ def decay_groups(params: Iterable[Parameter], weight_decay: float, **options) ->
         {"params": [p for p in params if not decays(p)], "weight_decay": 0.0, **options},
     ]
     return [g for g in groups if g["params"]]
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """The dtype of optimizer statistics and update arithmetic for weights p: float32, or float64."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def adam_direction(
@@ -142,21 +137,14 @@ class AdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         eight_bit = group["eight_bit"] and p.numel() >= MIN_8BIT_NUMEL
-        return {"step": torch.tensor(0, dtype=torch.int64)} | zero_moments(p.shape, compute_dtype(p), p.device, eight_bit)
+        return {"step": torch.tensor(0, dtype=torch.int64)} | zero_moments(p.shape, state_dtype(p), p.device, eight_bit)
 
     def _update(self, p: Tensor, group: dict, state: dict) -> None:
-        w = p.to(compute_dtype(p))  # p itself for float32/float64 weights
+        w = p.to(state_dtype(p))  # p itself for float32/float64 weights
         direction = moments_direction(state, p.grad.to(w.dtype), group, int(state["step"]))
         w.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
         write_weight_(p, w)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; ours keeps
-        # float32 statistics for bf16 weights and uint8 codes on purpose, so restore the saved dtypes.
         super().load_state_dict(state_dict)
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for i, p in zip(saved_ids, params):
-            for key, value in state_dict["state"].get(i, {}).items():
-                device = value.device if key == "step" else p.device  # the step count stays on the CPU
-                self.state[p][key] = value.to(device, copy=True)
+        restore_saved_dtypes(self, state_dict)  # float32 statistics of bf16 weights and uint8 codes stay so

@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .adamw import AdamW, adam_direction, compute_dtype, decay_groups, moments_direction, zero_moments
+from .adamw import AdamW, adam_direction, decay_groups, moments_direction, zero_moments
 from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
 from .rounding import write_weight_
+from .state import state_dtype
 
 # Targets of the LLaMA trainer: the attention and MLP projection matrices (GaLore's choice).
 LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
@@ -62,7 +63,7 @@ def weight_norm_grads(weight: Tensor, grad: Tensor, g: Tensor, s: Tensor) -> tup
 
 
 def _storage_dtype(p: Tensor) -> torch.dtype:
-    return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else compute_dtype(p)
+    return p.dtype if p.dtype in (torch.bfloat16, torch.float16) else state_dtype(p)
 
 
 def _row_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -119,7 +120,7 @@ class GradNormLoRP(AdamW):
         if "rank" not in group:
             return super()._init_state(p, group)
         state = {"step": torch.tensor(0, dtype=torch.int64)}
-        dtype = compute_dtype(p)
+        dtype = state_dtype(p)
         norms = _row_norms(p, dtype)
         if (norms == 0).any():
             raise ValueError(

@@ -1,7 +1,11 @@
-"""The one choice point from an optimizer config to an implementation.
+"""The one choice point from an optimizer config to an implementation, and what that implementation
+needs of the training loop.
 
 `build_optimizer(cfg, named_parameters)` returns a plain `torch.optim.Optimizer` over local tensors;
-`distributed/` decides where it runs and wraps it (DeepSpeed engine, block ownership).
+`distributed/` decides where it runs and wraps it (DeepSpeed engine, block ownership). Each registry
+entry also says what its optimizer needs (`Needs`: whole blocks, the ZeRO stages and per-layer
+updates it supports, a curvature estimate every k steps, a closure), so the loop asks instead of
+special-casing optimizer names.
 """
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from curvtrain.optim.adahessian import AdaHessian
 from curvtrain.optim.adamw import AdamW, decay_groups
+from curvtrain.optim.curvature import METHODS as HVP_METHODS
 from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
+from curvtrain.optim.mfac import MFAC
 from curvtrain.optim.projector import METHODS
-
+from curvtrain.optim.sophia import Sophia
 
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
@@ -58,6 +65,107 @@ class LowRankConfig:
 
 
 @dataclass(kw_only=True)
+class EstimateConfig:
+    """When and how the loop estimates the Hessian diagonal for a curvature optimizer (optim.curvature)."""
+
+    every: int = 10
+    """k: steps between curvature estimates (the first at step 0)."""
+    micro_batches: int = 0
+    """Micro-batches of the step's batch (per worker) the estimate runs on; 0 = all of them. With all of
+    them the estimate does not depend on the worker count."""
+    method: str = "autograd"
+    """Hessian-vector products of Hutchinson: "autograd" (double backward; needs eager mode, the math
+    attention kernel is selected for it) or "finite_difference" ((∇f(θ+εu) − ∇f(θ))/ε, any engine)."""
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"every must be ≥ 1, got {self.every}")
+        if self.micro_batches < 0:
+            raise ValueError(f"micro_batches must be ≥ 0 (0 = all), got {self.micro_batches}")
+        if self.method not in HVP_METHODS:
+            raise ValueError(f"method must be one of {HVP_METHODS}, got {self.method!r}")
+
+
+ESTIMATORS = ("gnb", "hutchinson")
+
+
+@dataclass(kw_only=True)
+class SophiaConfig(EstimateConfig):
+    """Sophia (optim.sophia); lr and weight_decay are optimizer.lr and optimizer.weight_decay."""
+
+    betas: tuple[float, float] = (0.965, 0.99)
+    """(β₁, β₂): EMA of the gradient and of the Hessian estimate (the official defaults)."""
+    rho: float = 0.04
+    """ρ: the clipping scale, update = sign(m)·min(|m|/(ρh + ε), 1)."""
+    eps: float = 1e-15
+    estimator: str = "gnb"
+    """"gnb" (Gauss-Newton-Bartlett, Sophia-G) or "hutchinson" (Sophia-H)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0, got {self.rho}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be ≥ 0, got {self.eps}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+
+
+@dataclass(kw_only=True)
+class AdaHessianConfig(EstimateConfig):
+    """AdaHessian (optim.adahessian), Hutchinson estimates; lr and weight_decay are optimizer.lr and
+    optimizer.weight_decay."""
+
+    every: int = 1
+    """k: steps between Hessian estimates (the official code: every step)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-4
+    hessian_power: float = 1.0
+    """k of (√v̂)^k in the denominator, in (0, 1]."""
+    block_size: int = 32
+    """Entries per block of the spatial averaging of |u ⊙ Hu|."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be ≥ 0, got {self.eps}")
+        if not 0 < self.hessian_power <= 1:
+            raise ValueError(f"hessian_power must be in (0, 1], got {self.hessian_power}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {self.block_size}")
+
+
+@dataclass(kw_only=True)
+class MFACConfig:
+    """Blockwise M-FAC (optim.mfac); lr and weight_decay are optimizer.lr and optimizer.weight_decay."""
+
+    window: int = 32
+    """m: gradients kept per block (memory: m × the block)."""
+    damping: float | str = 1e-5
+    """λ > 0, or "gns": λ = ‖g‖/γ with γ adapted by the Gradient-Normalized Smoothness acceptance rule,
+    which re-evaluates the step's batch (use lr = 1, weight_decay = 0, engine.grad_clip = 0)."""
+    momentum: float = 0.0
+    block_size: int = 16384
+    """Entries per block (each block has its own window and m × m Gram matrix)."""
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be ≥ 1, got {self.window}")
+        if self.damping != "gns" and (isinstance(self.damping, str) or not self.damping > 0):
+            raise ValueError(f"damping must be > 0 or 'gns', got {self.damping!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.damping == "gns" and self.momentum:
+            raise ValueError("damping=gns takes the paper's plain step: momentum must be 0")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {self.block_size}")
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
     name: str = "adamw"
     """Registry key: one of OPTIMIZERS."""
@@ -69,6 +177,9 @@ class OptimizerConfig:
     """Decoupled weight decay, applied to matrices only, not to norm gains (`optim.adamw.decays`), by
     every optimizer."""
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    sophia: SophiaConfig = field(default_factory=SophiaConfig)
+    adahessian: AdaHessianConfig = field(default_factory=AdaHessianConfig)
+    mfac: MFACConfig = field(default_factory=MFACConfig)
     per_layer: bool = False
     """Step each parameter inside backward and free its gradient at once (GaLore's per-layer updates):
     whole-model gradients never coexist. Excludes global-norm clipping."""
@@ -82,6 +193,13 @@ class OptimizerConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
+        if self.name == "mfac" and self.mfac.damping == "gns" and self.weight_decay:
+            raise ValueError("mfac.damping=gns takes the paper's plain step: weight_decay must be 0")
+
+    @property
+    def needs(self) -> Needs:
+        """What this optimizer needs of the training loop (its registry entry)."""
+        return OPTIMIZERS[self.name].needs(self)
 
 
 def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
@@ -92,7 +210,7 @@ def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.
 
 def build_sgd(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
     """Plain SGD (no momentum), weight decay on matrices: the local optimizer of the federated papers."""
-    return torch.optim.SGD(decay_groups(named_params, cfg.weight_decay), lr=cfg.lr)
+    return torch.optim.SGD(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr)
 
 
 def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
@@ -125,17 +243,85 @@ def build_galore_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch
     return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS: dict[str, Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]] = {
-    "adamw": build_adamw,
-    "sgd": build_sgd,
-    "gradnorm_lorp": build_gradnorm_lorp,
-    "galore_adamw": build_galore_adamw,
-}
+def build_sophia(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """Sophia (optim.sophia) with decoupled decay on matrices only."""
+    c = cfg.sophia
+    return Sophia(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, betas=c.betas, rho=c.rho, eps=c.eps)
 
-# Optimizers whose update needs each matrix whole (2-D projections): under data parallelism they run
-# on owner-sharded whole matrices (distributed.sharded), never on DeepSpeed ZeRO's flat partitions.
-WHOLE_MATRIX = {"gradnorm_lorp", "galore_adamw"}
+
+def build_adahessian(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """AdaHessian (optim.adahessian) with decay on matrices only."""
+    c = cfg.adahessian
+    return AdaHessian(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, betas=c.betas, eps=c.eps,
+                      hessian_power=c.hessian_power, block_size=c.block_size)
+
+
+def build_mfac(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """Blockwise M-FAC (optim.mfac) with L2 decay on matrices only."""
+    c = cfg.mfac
+    return MFAC(decay_groups((p for _, p in named_params), cfg.weight_decay), lr=cfg.lr, window=c.window, damping=c.damping,
+                momentum=c.momentum, block_size=c.block_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    """A curvature estimate the loop runs for the optimizer, then hands it over with `update_hessian()`."""
+
+    estimator: str
+    """"gnb" (optim.curvature.gnb_diag, on the model's logits) or "hutchinson" (hutchinson_diag, on the loss)."""
+    every: int
+    """Due at steps 0, k, 2k, ... (before the step's training micro-batches)."""
+    micro_batches: int
+    """Of the step's micro-batches per worker; 0 = all."""
+    method: str
+    """HVP method of "hutchinson": "autograd" or "finite_difference"."""
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Needs:
+    """What an optimizer needs of the training loop."""
+
+    whole_blocks: bool = False
+    """Its update needs each parameter whole (2-D projections, per-block curvature state): under data
+    parallelism it runs owner-sharded (distributed.sharded), never on ZeRO's flat partitions."""
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    """DeepSpeed ZeRO stages it runs under."""
+    per_layer: bool = True
+    """Whether it can be stepped parameter by parameter inside backward (optimizer.per_layer)."""
+    estimate: Estimate | None = None
+    """A curvature estimate every k steps, or None."""
+    closure: bool = False
+    """Its step re-evaluates the loss and gradients of the step's batch through a closure."""
+
+
+def _estimate(c: EstimateConfig, estimator: str) -> Estimate:
+    return Estimate(estimator=estimator, every=c.every, micro_batches=c.micro_batches, method=c.method)
+
+
+OWNER_SHARDED = dict(whole_blocks=True, zero_stages=(0,))
+
+
+@dataclass(frozen=True)
+class Entry:
+    build: Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]
+    needs: Callable[[OptimizerConfig], Needs]
+
+
+OPTIMIZERS: dict[str, Entry] = {
+    "adamw": Entry(build_adamw, lambda cfg: Needs()),
+    "sgd": Entry(build_sgd, lambda cfg: Needs()),
+    "gradnorm_lorp": Entry(build_gradnorm_lorp, lambda cfg: Needs(**OWNER_SHARDED)),
+    "galore_adamw": Entry(build_galore_adamw, lambda cfg: Needs(**OWNER_SHARDED)),
+    "sophia": Entry(build_sophia, lambda cfg: Needs(
+        **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.sophia, cfg.sophia.estimator))),
+    "adahessian": Entry(build_adahessian, lambda cfg: Needs(
+        **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.adahessian, "hutchinson"))),
+    "mfac": Entry(build_mfac, lambda cfg: Needs(**OWNER_SHARDED, per_layer=False, closure=cfg.mfac.damping == "gns")),
+}
 
 
 def build_optimizer(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](cfg, named_params)
+    return OPTIMIZERS[cfg.name].build(cfg, named_params)

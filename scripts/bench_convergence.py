@@ -1,8 +1,11 @@
 """Convergence at a fixed token budget: AdamW vs GradNormLoRP vs galore-torch's GaLoreAdamW at the same
-rank, each at a few learning rates, all through `curvtrain pretrain` (same model init, same data order,
-same schedule, same workers) — only the optimizer differs.
+rank, and the curvature optimizers (Sophia, AdaHessian, M-FAC), each at a few learning rates, all through
+`curvtrain pretrain` (same model init, same data order, same schedule, same workers) — only the
+optimizer differs.
 
     python scripts/bench_convergence.py --model 20m --steps 120 --rank 64 --seeds 0 1 2 --out docs/convergence
+    python scripts/bench_convergence.py --model 20m --steps 120 --rank 64 --seeds 0 1 2 --out docs/convergence \
+        --optimizers adamw gradnorm_lorp galore_adamw sophia adahessian mfac      # runs already in OUT.json are reused
 
 Protocol: every learning rate of GRID is run at the first seed (model init and data order); each
 optimizer's best learning rate there is then run again at the other seeds, and optimizers are compared
@@ -26,6 +29,9 @@ GRID = {
     "adamw": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
     "gradnorm_lorp": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
     "galore_adamw": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
+    "sophia": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
+    "adahessian": [0.05, 0.15, 0.5],
+    "mfac": [3e-4, 1e-3, 3e-3],
 }
 # Settings that make runs comparable (and reusable from an earlier OUT.json).
 SETTINGS = ("model", "steps", "seq", "batch", "workers", "rank", "update_gap", "eval_interval", "eval_samples")
@@ -87,6 +93,9 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=96)
     p.add_argument("--optimizers", nargs="+", default=list(GRID), choices=list(GRID))
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="the first tunes the learning rate")
+    p.add_argument("--lrs", nargs="+", type=float, default=None, help="sweep only these rates of each grid (a reduced grid)")
+    p.add_argument("--tuned-seeds-for", nargs="+", default=None,
+                   help="optimizers whose tuned rate is run at the other seeds (default: all)")
     p.add_argument("--out", default="docs/convergence")
     args = p.parse_args()
 
@@ -108,10 +117,12 @@ def main() -> None:
 
     tuned = {}
     for optimizer in args.optimizers:
-        sweep = [run(optimizer, lr, args.seeds[0]) for lr in GRID[optimizer]]
+        grid = [lr for lr in GRID[optimizer] if args.lrs is None or lr in args.lrs or (optimizer, lr, args.seeds[0]) in cached]
+        sweep = [run(optimizer, lr, args.seeds[0]) for lr in grid]
         tuned[optimizer] = min(sweep, key=lambda r: r["val_loss"])
-        for seed in args.seeds[1:]:
-            run(optimizer, tuned[optimizer]["lr"], seed)
+        if args.tuned_seeds_for is None or optimizer in args.tuned_seeds_for:
+            for seed in args.seeds[1:]:
+                run(optimizer, tuned[optimizer]["lr"], seed)
     plot(tuned, Path(f"{args.out}.png"))
 
     lrs = sorted({r["lr"] for r in runs})
@@ -127,6 +138,21 @@ def main() -> None:
         mean = sum(losses) / len(losses)
         print(f"| {name} | {best['lr']:g} | " + " | ".join(f"{x:.4f}" for x in losses)
               + f" | {mean:.4f} | {math.exp(mean):.1f} |")
+    if "adamw" in tuned:
+        print_steps_to_reach(runs, tuned)
+
+
+def print_steps_to_reach(runs: list[dict], tuned: dict[str, dict]) -> None:
+    """For each optimizer's tuned rate and seed: the first evaluated step whose validation loss is at or
+    below tuned AdamW's final validation loss (mean over its seeds)."""
+    adamw = [r["val_loss"] for r in runs if r["optimizer"] == "adamw" and r["lr"] == tuned["adamw"]["lr"]]
+    target = sum(adamw) / len(adamw)
+    print(f"\nsteps to reach tuned AdamW's final validation loss ({target:.4f}, mean of {len(adamw)} seeds)")
+    print("| optimizer | lr | steps per seed |")
+    for name, best in tuned.items():
+        reached = [next((step for step, loss in r["val"] if loss <= target), None)
+                   for r in runs if r["optimizer"] == name and r["lr"] == best["lr"]]
+        print(f"| {name} | {best['lr']:g} | " + ", ".join("not reached" if s is None else str(s) for s in reached) + " |")
 
 
 def _key(run: dict) -> tuple[str, float, int]:

@@ -1,0 +1,23 @@
+"""Optimizer state in its own dtype: float32 statistics for bf16/fp16 weights survive a checkpoint."""
+from __future__ import annotations
+
+from itertools import chain
+
+import torch
+from torch import Tensor
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """The dtype of a parameter's optimizer statistics: float64 for float64 weights, else float32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After `Optimizer.load_state_dict` (which casts every floating state tensor to its parameter's
+    dtype), put back the dtypes that were saved: float32 statistics of bf16 weights stay float32."""
+    saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    params = chain.from_iterable(g["params"] for g in optimizer.param_groups)
+    for i, p in zip(saved_ids, params):
+        for key, value in state_dict["state"].get(i, {}).items():
+            device = value.device if key == "step" else p.device  # the step count stays on the CPU
+            optimizer.state[p][key] = value.to(device, copy=True)

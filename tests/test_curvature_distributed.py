@@ -1,0 +1,105 @@
+"""Sophia, AdaHessian and M-FAC through `pretrain`: real Ray workers, DeepSpeed ZeRO-0 engines, 2-process
+gloo groups; curvature estimates reduced to each block's owner, state only on owners."""
+import shutil
+
+import pytest
+
+from conftest import CONFIG, tiny
+from curvtrain.distributed.coordinator import Coordinator
+from curvtrain.distributed.export import consolidated_state_dict
+from curvtrain.distributed.metrics import read_metrics
+from curvtrain.launcher.config import ConfigError
+from test_cli import curvtrain
+
+ZERO0 = ("engine.zero_stage=0",)
+ONE, TWO = ("workers.num_workers=1",), ("workers.num_workers=2",)
+CASES = {
+    # Sophia-G, an estimate every 3 steps on all micro-batches of the step
+    "sophia": ("optimizer.name=sophia", "optimizer.sophia.every=3", "optimizer.lr=2e-3"),
+    # AdaHessian, a Hutchinson estimate (double backward) every step
+    "adahessian": ("optimizer.name=adahessian", "optimizer.lr=0.15"),
+    # blockwise M-FAC with momentum; blocks of 4096 entries cut the embedding and head into many
+    "mfac": ("optimizer.name=mfac", "optimizer.mfac.window=4", "optimizer.mfac.damping=1e-3",
+             "optimizer.mfac.momentum=0.5", "optimizer.mfac.block_size=4096", "optimizer.lr=1e-2"),
+    # M-FAC with GNS damping: the step re-evaluates the batch through the trainer's closure
+    "mfac_gns": ("optimizer.name=mfac", "optimizer.mfac.window=4", "optimizer.mfac.damping=gns",
+                 "optimizer.mfac.block_size=4096", "optimizer.lr=1.0", "optimizer.weight_decay=0", "engine.grad_clip=0"),
+}
+
+
+def weights(run_dir, step=20):
+    return consolidated_state_dict(run_dir / "checkpoints" / f"step_{step:08d}")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_workers_equal_one_worker_after_20_steps(runs, name):
+    one, two = runs(*ZERO0, *CASES[name], *ONE), runs(*ZERO0, *CASES[name], *TWO)
+    assert max_diff(weights(one), weights(two)) <= 1e-5
+    records = read_metrics(two)
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # it trains
+    if name == "sophia":
+        assert all(0 < r["win_rate"] < 1 for r in records)
+    if name == "mfac_gns":
+        assert all(r["gns_gamma"] > 0 for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sophia", "mfac_gns"])  # the two kinds of curvature state: h; windows and γ
+def test_resume_equals_uninterrupted(runs, tmp_path, name):
+    overrides = (*ZERO0, *CASES[name], *TWO)
+    full = runs(*overrides)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000020")
+    (resumed / "checkpoints" / "LATEST").write_text("step_00000010")
+    Coordinator(tiny(*overrides), resumed, resume=True).run()
+    assert max_diff(weights(full), weights(resumed)) == 0.0
+    assert [r["loss"] for r in read_metrics(full)] == [r["loss"] for r in read_metrics(resumed)]
+
+
+@pytest.mark.slow
+def test_mfac_windows_live_on_their_owners_only(runs):
+    """The M-FAC windows (4 × the model) are split between the two workers: each checkpoints about half."""
+    one = runs(*ZERO0, *CASES["mfac"], *ONE) / "checkpoints" / "step_00000020"
+    two = runs(*ZERO0, *CASES["mfac"], *TWO) / "checkpoints" / "step_00000020"
+    total = (one / "optimizer_rank0.pt").stat().st_size
+    sizes = [(two / f"optimizer_rank{rank}.pt").stat().st_size for rank in (0, 1)]
+    assert all(0.4 * total < size < 0.6 * total for size in sizes), (total, sizes)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optimizer.sophia.every=0"], r"optimizer\.sophia: every must be ≥ 1"),
+    (["optimizer.sophia.rho=0"], r"optimizer\.sophia: rho must be > 0"),
+    (["optimizer.sophia.estimator=fisher"], r"optimizer\.sophia: estimator must be one of"),
+    (["optimizer.adahessian.method=exact"], r"optimizer\.adahessian: method must be one of"),
+    (["optimizer.adahessian.hessian_power=2"], r"optimizer\.adahessian: hessian_power must be in \(0, 1\]"),
+    (["optimizer.mfac.window=0"], r"optimizer\.mfac: window must be ≥ 1"),
+    (["optimizer.mfac.damping=0"], r"optimizer\.mfac: damping must be > 0 or 'gns'"),
+    (["optimizer.mfac.damping=newton"], r"optimizer\.mfac: damping must be > 0 or 'gns'"),
+    (["optimizer.name=sophia", "engine.zero_stage=2"], r"optimizer\.name=sophia \(needs whole blocks\) .* needs engine\.zero_stage=0"),
+    (["optimizer.name=adahessian", "engine.zero_stage=0", "optimizer.per_layer=true", "engine.grad_clip=0"],
+     r"optimizer\.per_layer is not supported by optimizer\.name=adahessian"),
+    (["optimizer.name=mfac", "engine.zero_stage=0", "optimizer.mfac.damping=gns", "optimizer.weight_decay=0"],
+     r"optimizer\.name=mfac re-evaluates its own gradients .* set engine\.grad_clip=0"),
+    (["optimizer.name=sophia", "engine.zero_stage=0", "optimizer.sophia.micro_batches=2"],
+     r"optimizer\.sophia\.micro_batches \(2\) must be ≤ the micro-batches per worker and step"),
+    (["optimizer.name=adahessian", "engine.zero_stage=0", "model.compile=true"],
+     r"optimizer\.adahessian\.method=autograd differentiates twice"),
+])
+def test_bad_curvature_configs_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(*overrides)
+
+
+def test_bad_curvature_config_exits_2_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(out),
+                       "--set", "optimizer.name=mfac", "--set", "optimizer.mfac.window=0")
+    assert result.returncode == 2, result.stderr
+    assert "optimizer.mfac: window must be ≥ 1" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())
