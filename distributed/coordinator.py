@@ -71,8 +71,8 @@ class WorkerGroup:
                 ray.get(done[0])  # raises at once if this worker failed; peers would hang in collectives
             except RayActorError as e:
                 raise WorkerLost(str(e).splitlines()[0]) from e
-            except RayTaskError as e:  # an exception inside a worker; str(e) is its traceback
-                raise RunFailed(f"Traceback in the worker (most recent call last):\n{e}") from None
+            except RayTaskError as e:  # an exception inside a worker; str(e) holds its frames
+                raise RunFailed(f"an exception in a worker; its traceback (most recent call last):\n{e}") from None
         return ray.get(refs[0])
 
     def shutdown(self) -> None:

@@ -5,8 +5,9 @@ all of them while the others wait (the earlier way) — on the checkpoints of on
 
     python scripts/bench_checkpoint.py --model 20m --workers 2 --repeats 5
 
-Prints, per way, the median over repeats of rank 0's wall time from the barrier before the save to the
-barrier after it (every rank waits there, so it is the time the save costs the run).
+Prints, per way, medians over repeats of rank 0's wall time from the barrier before the save to the
+barrier after writing (write), and from there to the barrier after sealing (seal): every rank waits
+at those barriers, so they are the times the save costs the run.
 """
 from __future__ import annotations
 
@@ -43,14 +44,15 @@ def worker(rank: int, args, port: int, run_dir: str, queue) -> None:
             dist.barrier()
             start = time.perf_counter()
             trainer.write_checkpoint(ckpt)
+            dist.barrier()
+            written = time.perf_counter()
             if way == WAYS[1]:
                 trainer.seal_checkpoint(ckpt)
-            else:
-                dist.barrier()
-                if way == WAYS[2] and rank == 0:
+            elif way == WAYS[2]:
+                if rank == 0:
                     checkpoint.write_manifest(ckpt, [], step=trainer.step, world_size=args.workers, zero_stage=args.zero_stage)
                 dist.barrier()
-            times[way].append(time.perf_counter() - start)
+            times[way].append((written - start, time.perf_counter() - written))
             dist.barrier()
             if rank == 0:
                 size = sum(p.stat().st_size for p in ckpt.iterdir())
@@ -96,10 +98,11 @@ def main() -> None:
         result = queue.get()
     print(f"{args.model}, {args.workers} workers, ZeRO {args.zero_stage}: checkpoint of "
           f"{result['bytes'] / 2**20:.0f} MiB, {args.repeats} repeats\n")
-    print("| checkpoint | median s | min s | max s |\n|---|---|---|---|")
+    print("| checkpoint | write s (median) | seal s (median) | seal s (min–max) | total s (median) |\n|---|---|---|---|---|")
     for way, times in result["times"].items():
-        print(f"| {way} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |")
-
+        write, seal = zip(*times)
+        print(f"| {way} | {statistics.median(write):.3f} | {statistics.median(seal):.3f} | "
+              f"{min(seal):.3f}–{max(seal):.3f} | {statistics.median(w + s for w, s in times):.3f} |")
 
 if __name__ == "__main__":
     main()
