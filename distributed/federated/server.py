@@ -187,7 +187,7 @@ class FederatedServer:
         (ckpt / "server.json").write_text(json.dumps(meta, indent=1))
         self.store.snapshot(ckpt / "client_state")
         save_config(self.cfg, ckpt / "config.yaml")
-        checkpoint.write_manifest(ckpt, step=self.round, world_size=num_actors, zero_stage=0)
+        checkpoint.write_manifest(ckpt, [], step=self.round, world_size=num_actors, zero_stage=0)  # the server hashes every file
         checkpoint.prune(self.ckpt_root, self.cfg.run.keep_checkpoints)
         return ckpt
 
