@@ -58,7 +58,7 @@ def curves(args) -> None:
     connect(2)
     for seed in args.seeds:
         for alpha in args.alphas:
-            for name in ALGORITHMS:
+            for name in args.algorithms:
                 key = f"{name}/alpha={alpha}/seed={seed}/rounds={args.rounds}"
                 if key in results:
                     continue
@@ -241,6 +241,7 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.1])
+    p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--out", default="docs/federated")
     p.add_argument("--json")
