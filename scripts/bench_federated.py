@@ -13,7 +13,7 @@ speed:  client updates per second of the actor pool (2 actors × 1 thread) again
         model and data; measured alternately in one run (baseline, pool, baseline).
 memory: peak RSS of a SCAFFOLD run's server process with N clients at 1% participation (client states on
         disk, only the round's in memory) against one process that holds FL-Simulator's dense N × d
-        table of control variates; each in a fresh process.
+        tables (last models, last updates, control variates); each in a fresh process.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def curves(args) -> None:
     connect(2)
     for seed in args.seeds:
         for alpha in args.alphas:
-            for name in ALGORITHMS:
+            for name in args.algorithms:
                 key = f"{name}/alpha={alpha}/seed={seed}/rounds={args.rounds}"
                 if key in results:
                     continue
@@ -201,7 +201,9 @@ def memory_one(spec: dict) -> dict:
         model, algorithm = workload.build_model(), cfg.algorithm.build()
         x = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
         dim = x.numel()
-        c_all = torch.zeros(n, dim)  # FL-Simulator: every client's control variate, in memory
+        # FL-Simulator's SCAFFOLD server keeps three dense N × d tables: every client's last model
+        # (initialized with the model: resident at once), last update and control variate (zeros)
+        params_all, updates_all, c_all = x.repeat(n, 1), torch.zeros(n, dim), torch.zeros(n, dim)
         server = {"c": torch.zeros(dim)}
         for t in range(rounds):
             uploads = []
@@ -210,7 +212,7 @@ def memory_one(spec: dict) -> dict:
                 res = train_client(model, algorithm, opt, workload.client_batches(i, t), workload.loss, start=x,
                                    server_state=server, client_state={"c": c_all[i]}, lr=cfg.local.optimizer.lr,
                                    steps=cfg.local.steps, grad_clip=cfg.local.grad_clip)
-                c_all[i] = res.state["c"]
+                c_all[i], updates_all[i], params_all[i] = res.state["c"], res.upload["delta"], x + res.upload["delta"]
                 uploads.append(res.upload)
             x, server = algorithm.server_update(x, server, mean_of(uploads), len(uploads) / n)
         disk = 0
@@ -239,6 +241,7 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=5)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.3, 0.1])
+    p.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
     p.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--out", default="docs/federated")
     p.add_argument("--json")

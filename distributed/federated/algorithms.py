@@ -128,7 +128,7 @@ class FedSpeed(Algorithm):
     paper's notation with prox-correction ĝᵢ and proximal weight 1/λ:
 
         g₁ = ∇fᵢ(x);  g₂ = ∇fᵢ(x + ρ·g₁/‖g₁‖);  g̃ = (1−α)·g₁ + α·g₂       (the code uses α = 1)
-        local direction  g̃ − ĝᵢ + (1/λ)(x − xᵗ)                           (paper Algorithm 1, line 9)
+        local direction  g̃ − ĝᵢ + (1/λ)(x − xᵗ)                           (as in the paper, Algorithm 1)
         after K steps    ĝᵢ ← ĝᵢ − (1/λ)(xᵢ,K − xᵗ)
         server           ḡ = mean over ALL N clients of ĝᵢ (kept as a running mean, O(d) memory);
                          xᵗ⁺¹ = xᵗ + η_g·(mean_active(xᵢ,K − xᵗ) − λ·ḡ)
