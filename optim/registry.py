@@ -83,11 +83,13 @@ class OptimizerConfig:
 
 
 def decay_groups(named_params: NamedParams, weight_decay: float) -> list[dict]:
-    """Two groups: matrices get weight decay, vectors (norm gains) do not (nanoGPT's rule)."""
+    """Two groups: matrices get weight decay, vectors (norm gains) do not (nanoGPT's rule). A parameter that
+    DeepSpeed's ZeRO-3 partitioned at construction (`deepspeed.zero.Init`) is flat; its shape is in `ds_shape`."""
     params = [(n, p) for n, p in named_params if p.requires_grad]
+    matrix = {p: len(getattr(p, "ds_shape", p.shape)) >= 2 for _, p in params}
     return [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for _, p in params if matrix[p]], "weight_decay": weight_decay},
+        {"params": [p for _, p in params if not matrix[p]], "weight_decay": 0.0},
     ]
 
 
