@@ -26,7 +26,7 @@ stored in the weight's dtype when that is bf16/fp16 (as GaLore does) and used in
 """
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 
 import torch
@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
-from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from .quantize import BLOCK_SIZE, CHUNK, dequantize_blockwise, quantize_blockwise
 
 # Targets of the LLaMA trainer: the attention and MLP projection matrices (GaLore's choice).
 LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
@@ -88,18 +88,27 @@ def _zero_moments(shape: torch.Size, dtype: torch.dtype, device: torch.device, e
 _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
 
 
-def _moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tensor:
-    """N = m̂/(√v̂ + ε) of `grad`; 8-bit moments are dequantized, updated and requantized."""
+def _moments_directions(state: dict, grad: Tensor, group: dict, step: int) -> Iterator[tuple[slice, Tensor]]:
+    """(slice, N) pieces of N = m̂/(√v̂ + ε) of `grad`, over its flattened (row-major) values: all of it at once with
+    full-precision moments; with 8-bit moments `CHUNK` values at a time, each chunk of m and v dequantized (in
+    float32, or float64 for float64 grads), updated and requantized into its slice of the codes and scales, so
+    the temporaries are one chunk's, not the tensor's (the 7b embedding and head: 131M values each)."""
     if "exp_avg" in state:
-        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
-    m, v = (
-        dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], grad.shape, BLOCK_SIZE, grad.dtype, signed=sg)
-        for k, sg in _MOMENTS
-    )
-    direction = adam_direction(m, v, grad, group["betas"], group["eps"], step)
-    for (k, sg), moment in zip(_MOMENTS, (m, v)):
-        state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
-    return direction
+        yield slice(None), adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
+        return
+    flat, dtype = grad.reshape(-1), _compute_dtype(grad)
+    codes = {k: state[f"{k}_codes"].view(-1) for k, _ in _MOMENTS}
+    for start in range(0, flat.numel(), CHUNK):
+        values, blocks = slice(start, start + CHUNK), slice(start // BLOCK_SIZE, (start + CHUNK) // BLOCK_SIZE)
+        g = flat[values].to(dtype)
+        m, v = (dequantize_blockwise(codes[k][values], state[f"{k}_absmax"][blocks], g.shape, BLOCK_SIZE, dtype, signed=sg)
+                for k, sg in _MOMENTS)
+        direction = adam_direction(m, v, g, group["betas"], group["eps"], step)
+        for (k, sg), moment in zip(_MOMENTS, (m, v)):
+            chunk_codes, chunk_absmax = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
+            codes[k][values] = chunk_codes
+            state[f"{k}_absmax"][blocks] = chunk_absmax
+        yield values, direction
 
 
 def _storage_dtype(p: Tensor) -> torch.dtype:
@@ -223,9 +232,11 @@ class GradNormLoRP(torch.optim.Optimizer):
         return state | _zero_moments(low_shape, dtype, p.device, group["eight_bit"])
 
     def _adamw_step(self, p: Tensor, group: dict, state: dict) -> None:
-        step = int(state["step"])
-        direction = _moments_direction(state, p.grad, group, step)
-        p.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
+        step, lr = int(state["step"]), group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        flat = p.view(-1)  # parameters are contiguous
+        for values, direction in _moments_directions(state, p.grad, group, step):
+            flat[values].add_(direction.reshape(-1), alpha=-lr)
 
     def _lowrank_step(self, p: Tensor, group: dict, state: dict) -> None:
         step, lr, g, s = int(state["step"]), group["lr"], state["g"], state["s"]
@@ -245,7 +256,9 @@ class GradNormLoRP(torch.optim.Optimizer):
             state["basis"] = basis.to(state["basis"].dtype)
         basis = state["basis"].to(grad_v.dtype)
         low = project(grad_v, basis, side)
-        direction = _moments_direction(state, low, group, step)
+        direction = torch.empty(low.shape, dtype=low.dtype, device=low.device)
+        for values, piece in _moments_directions(state, low, group, step):
+            direction.view(-1)[values] = piece.reshape(-1)
         delta_v = project_back(direction, basis, side)
         del grad_v, low, direction  # free the full-size ∇V before the write-back
 
