@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
-from .quantize import BLOCK_SIZE, CHUNK, dequantize_blockwise, quantize_blockwise
+from .quantize import BLOCK_SIZE, CHUNK, dequantize_blockwise, quantize_blockwise, zeros_blockwise
 
 # Targets of the LLaMA trainer: the attention and MLP projection matrices (GaLore's choice).
 LLAMA_TARGETS = r"(self_attn|mlp)\.\w+_proj\.weight$"
@@ -76,12 +76,12 @@ def adam_direction(
 def _zero_moments(shape: torch.Size, dtype: torch.dtype, device: torch.device, eight_bit: bool) -> dict[str, Tensor]:
     """Adam's (m, v) for a tensor of `shape`: full precision, or blockwise 8-bit codes + absmax scales
     (signed map for m, the finer unsigned map for v ≥ 0)."""
-    zeros = torch.zeros(shape, dtype=dtype, device=device)
     if not eight_bit:
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
         return {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
     state = {}
     for name, signed in _MOMENTS:
-        state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
+        state[f"{name}_codes"], state[f"{name}_absmax"] = zeros_blockwise(shape, BLOCK_SIZE, signed=signed, device=device)
     return state
 
 

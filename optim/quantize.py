@@ -31,6 +31,7 @@ neither path holds full-size temporaries of a large tensor.
 """
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -122,6 +123,16 @@ def _quantize_torch(x: Tensor, block_size: int, *, signed: bool) -> tuple[Tensor
     scaled = (blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-1.0 if signed else 0.0, 1.0)
     codes = torch.bucketize(scaled.view(-1)[:n], _midpoints(signed, x.device)).to(torch.uint8)
     return codes.view(x.shape), absmax
+
+
+def zeros_blockwise(shape: tuple[int, ...] | torch.Size, block_size: int = BLOCK_SIZE, *, signed: bool = True,
+                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """(codes, absmax) of a zero tensor of `shape` — every code the map's 0, every absmax 0 — built without
+    the float tensor (a new 8-bit moment of the 7b embedding would otherwise need 0.5 GiB of float32 zeros)."""
+    zero = int((dynamic_map(signed) == 0).nonzero())
+    numel = math.prod(shape)
+    return (torch.full(tuple(shape), zero, dtype=torch.uint8, device=device),
+            torch.zeros(-(-numel // block_size), dtype=torch.float32, device=device))
 
 
 def dequantize_blockwise(

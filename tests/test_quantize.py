@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from curvtrain.optim.quantize import (_dequantize_torch, _quantize_torch, dequantize_blockwise, dynamic_map, error_bound,
-                                     max_error, quantize_blockwise, uses_bitsandbytes)
+                                     max_error, quantize_blockwise, uses_bitsandbytes, zeros_blockwise)
 
 try:
     import bitsandbytes.functional as bnb
@@ -91,6 +91,10 @@ def test_shape_dtype_and_zeros():
     for signed in (True, False):
         codes, absmax = quantize_blockwise(zeros, signed=signed)
         assert torch.equal(dequantize_blockwise(codes, absmax, zeros.shape, signed=signed), zeros)
+        direct_codes, direct_absmax = zeros_blockwise((3, 100), signed=signed)
+        assert direct_codes.shape == (3, 100) and direct_codes.dtype == torch.uint8 and torch.equal(direct_absmax, absmax)
+        assert torch.equal(dequantize_blockwise(direct_codes, direct_absmax, (3, 100), signed=signed), zeros.view(3, 100))
+        assert torch.equal(direct_codes.view(-1), _quantize_torch(zeros, 256, signed=signed)[0])  # the nearest code of 0
 
 
 @needs_bnb
