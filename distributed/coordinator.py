@@ -153,8 +153,7 @@ class Coordinator:
         """Which rank owns which parameter, for owner-sharded optimizers (planned on a meta-device model)."""
         if not self.cfg.owner_sharded:
             return None
-        with torch.device("meta"):
-            model, optimizer = build_model_and_optimizer(self.cfg)
+        model, optimizer = build_model_and_optimizer(self.cfg, torch.device("meta"))
         return plan_for(model, optimizer, self.cfg.workers.num_workers)
 
     def remove_unsealed_checkpoints(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -27,6 +28,24 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def param_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the model's weights are built in: DeepSpeed would cast a float32 model to bf16 anyway before it
+    builds its optimizer (and its fp32 master partitions from those bf16 weights)."""
+    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+
+def zero3_partitioner(cfg: TrainConfig) -> Callable[[torch.nn.Module], None] | None:
+    """Under ZeRO-3: a `place` hook for `models.llama.build_llama` that hands each module to
+    `deepspeed.zero.Init(module=...)` as soon as its parameters are drawn, so a rank never holds more than its
+    partition of the model plus one module; None at ZeRO 0-2."""
+    if cfg.engine.zero_stage != 3:
+        return None
+    import deepspeed
+
+    config, dtype = deepspeed_config(cfg), param_dtype(cfg)
+    return lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=dtype)
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig):

@@ -20,21 +20,27 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.config import TrainConfig, save_config
-from curvtrain.distributed.engine import build_engine
+from curvtrain.distributed.engine import build_engine, param_dtype, zero3_partitioner
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
 from curvtrain.distributed.sharded import OwnerShardedOptimizer
 from curvtrain.models.data import TokenData
-from curvtrain.models.llama import LlamaForCausalLM, llama_config
+from curvtrain.models.llama import LlamaForCausalLM, build_llama, llama_config
 from curvtrain.optim import attach_per_layer_step, build_optimizer, warmup_cosine
 from curvtrain.optim.curvature import gnb_diag, hutchinson_diag
 
 
-def build_model_and_optimizer(cfg: TrainConfig) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
-    """The model and the registry's optimizer over it (also used on the meta device to plan ownership)."""
-    model = LlamaForCausalLM(llama_config(cfg.model.name))
+def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
+    """The model materialized on `device` in the run's dtype, and the registry's optimizer over it.
+
+    The weights are those of `LlamaForCausalLM` built in float32 after the global seed, cast to the run's dtype
+    (`build_llama`), but no float32 copy of the model is ever held: bf16 runs hold bf16 weights (owner-sharded
+    ones train them as they are, GaLore's recipe; DeepSpeed's bf16 keeps its own fp32 master partitions), and
+    under ZeRO-3 each rank keeps only its partition of each parameter from the moment it is drawn. On the meta
+    device nothing is drawn (the coordinator plans block ownership there).
+    """
+    place = zero3_partitioner(cfg) if device.type != "meta" else None
+    model = build_llama(llama_config(cfg.model.name), dtype=param_dtype(cfg), device=device, place=place)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    if cfg.owner_sharded and cfg.engine.precision == "bf16":
-        model.to(torch.bfloat16)  # bf16 weights, no fp32 master copy (GaLore's recipe); optimizer state stays fp32
     return model, build_optimizer(cfg.optimizer, model.named_parameters())
 
 
@@ -46,8 +52,7 @@ class Trainer:
         self.tokens = 0  # training tokens consumed by all workers
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model, optimizer = build_model_and_optimizer(cfg)
-        model.to(device)
+        model, optimizer = build_model_and_optimizer(cfg, device)
         self.rule = optimizer  # the update rule itself, unwrapped: its metrics
         self.needs = cfg.optimizer.needs  # what it asks of this loop (optim.registry.Needs)
         if cfg.owner_sharded:

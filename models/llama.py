@@ -8,6 +8,7 @@ Hugging Face's `LlamaForCausalLM`, so a state dict moves between the two unchang
 The named sizes are GaLore's (Zhao et al. 2024, arXiv:2403.03507), the usual ladder for optimizer comparisons.
 
     model = LlamaForCausalLM(llama_config("60m"))
+    model = build_llama(llama_config("7b"), dtype=torch.bfloat16)   # same weights, no float32 copy ever held
     loss = model(input_ids, targets)           # targets already shifted: targets[:, t] = input_ids[:, t + 1]
     logits = model(input_ids)                  # [B, T, vocab_size]
 """
@@ -15,6 +16,8 @@ The named sizes are GaLore's (Zhao et al. 2024, arXiv:2403.03507), the usual lad
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +109,11 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -208,9 +215,12 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.apply(self._init_weights)
 
+    INITIALIZED = (nn.Linear, nn.Embedding)
+    """The modules `_init_weights` draws; the others keep what their own `reset_parameters` gives."""
+
     def _init_weights(self, module: nn.Module) -> None:
         """HF's init: normal(0, initializer_range) for linears and embeddings; norms keep their ones."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, self.INITIALIZED):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,3 +255,72 @@ class LlamaForCausalLM(nn.Module):
         """
         attention = 12.0 * self.config.num_hidden_layers * self.config.hidden_size * seq_len
         return 6.0 * self.num_parameters(exclude_embeddings=True) + attention
+
+
+def build_llama(cfg: LlamaConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                place: Callable[[nn.Module], None] | None = None) -> LlamaForCausalLM:
+    """`LlamaForCausalLM(cfg).to(device, dtype)` after the same global RNG state — the same weights, bit for bit
+    in float32, and their cast in `dtype` — without ever holding the model in float32.
+
+    The model is built on the meta device; then the global CPU generator is advanced exactly as the eager
+    constructor advances it: first every module's own default init (nn.Linear's kaiming-uniform,
+    nn.Embedding's normal), drawn and thrown away in construction order, then `_init_weights` module by
+    module in `nn.Module.apply`'s order. Each module's parameters are drawn in float32 into one CPU scratch
+    buffer the size of the largest module and cast into their final storage on `device`, so the peak is the
+    model in `dtype` plus that buffer (0.49 GiB at 7b). `place(module)`, if given, runs on each module as soon
+    as its own parameters are final (ZeRO-3 partitions them there). On the meta device nothing is drawn.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    if cfg.tie_word_embeddings and place is not None:
+        raise ValueError("build_llama: tie_word_embeddings with a place hook would draw into a placed parameter")
+    leaves = [m for m in model.modules() if _has_own_parameters(m)]
+    scratch = torch.empty(max(sum(p.numel() for p in m.parameters(recurse=False)) for m in leaves))
+    for module in leaves:  # the constructors' own draws, discarded
+        with _parameters_in(module, scratch):
+            module.reset_parameters()
+    final: dict[nn.Parameter, nn.Parameter] = {}  # meta parameter -> its materialized one (tied weights: one)
+    for module in _apply_order(model):
+        if not _has_own_parameters(module):
+            continue
+        with _parameters_in(module, scratch) as views:
+            if isinstance(module, model.INITIALIZED):
+                model._init_weights(module)
+            else:
+                module.reset_parameters()
+        for name, meta in list(module.named_parameters(recurse=False)):
+            if meta in final:  # a tied weight drawn again: the last draw wins, as in the eager constructor
+                final[meta].data.copy_(views[name])
+            else:
+                final[meta] = nn.Parameter(views[name].to(device, dtype, copy=True), requires_grad=meta.requires_grad)
+            module._parameters[name] = final[meta]
+        if place is not None:
+            place(module)
+    return model
+
+
+@contextmanager
+def _parameters_in(module: nn.Module, scratch: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+    """Points `module`'s own parameters at consecutive float32 views of `scratch` while inside; yields the views."""
+    saved, views, offset = dict(module._parameters), {}, 0
+    for name, p in module.named_parameters(recurse=False):
+        views[name] = scratch[offset:offset + p.numel()].view(p.shape)
+        module._parameters[name] = nn.Parameter(views[name], requires_grad=False)
+        offset += p.numel()
+    try:
+        yield views
+    finally:
+        module._parameters.update(saved)
+
+
+def _has_own_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _apply_order(module: nn.Module) -> Iterator[nn.Module]:
+    """The modules in the order `module.apply(fn)` visits them: children first, then the module itself."""
+    for child in module.children():
+        yield from _apply_order(child)
+    yield module

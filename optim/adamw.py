@@ -15,13 +15,13 @@ Weight decay rule, the one for every optimizer here: matrices (dim ≥ 2: projec
 output head) are decayed, vectors (norm gains, biases) are not (nanoGPT's and GaLore's rule).
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .quantize import BLOCK_SIZE, dequantize_blockwise, quantize_blockwise
+from .quantize import BLOCK_SIZE, CHUNK, dequantize_blockwise, quantize_blockwise, zeros_blockwise
 from .rounding import write_weight_
 from .state import restore_saved_dtypes, state_dtype
 
@@ -32,7 +32,7 @@ MIN_8BIT_NUMEL = 4096
 
 def decays(p: Tensor) -> bool:
     """Whether decoupled weight decay acts on p: matrices yes, vectors (norm gains, biases) no."""
-    return p.dim() >= 2
+    return len(getattr(p, "ds_shape", p.shape)) >= 2  # ZeRO-3 partitions are flat; ds_shape is the real one
 
 
 def decay_groups(params: Iterable[Parameter], weight_decay: float, **options) -> list[dict]:
@@ -62,28 +62,44 @@ _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))  # (moment, signed map)
 
 def zero_moments(shape: torch.Size, dtype: torch.dtype, device: torch.device, eight_bit: bool) -> dict[str, Tensor]:
     """Adam's (m, v) for a tensor of `shape`: `dtype`, or blockwise 8-bit codes + absmax scales
-    (signed map for m, the finer unsigned map for v ≥ 0)."""
-    zeros = torch.zeros(shape, dtype=dtype, device=device)
+    (signed map for m, the finer unsigned map for v ≥ 0), made without a full-size float temporary."""
     if not eight_bit:
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
         return {"exp_avg": zeros, "exp_avg_sq": zeros.clone()}
     state = {}
     for name, signed in _MOMENTS:
-        state[f"{name}_codes"], state[f"{name}_absmax"] = quantize_blockwise(zeros, BLOCK_SIZE, signed=signed)
+        state[f"{name}_codes"], state[f"{name}_absmax"] = zeros_blockwise(shape, BLOCK_SIZE, signed=signed, device=device)
     return state
 
 
-def moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tensor:
-    """N = m̂/(√v̂ + ε) of `grad`, in grad's dtype; 8-bit moments are dequantized into it, updated and
-    requantized."""
+def moments_directions(state: dict, grad: Tensor, group: dict, step: int) -> Iterator[tuple[slice, Tensor]]:
+    """(slice, N) pieces of N = m̂/(√v̂ + ε) of `grad` over its flattened (row-major) values, in the state's
+    dtype (float32, or float64 for float64 gradients): all of it at once with full-precision moments; with
+    8-bit moments `CHUNK` values at a time, each chunk of m and v dequantized, updated and requantized into
+    its slice of the codes and scales, so the temporaries are one chunk's, not the tensor's (the 7b
+    embedding and head: 131M values each)."""
+    dtype = state_dtype(grad)
     if "exp_avg" in state:
-        return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
-    m, v = (
-        dequantize_blockwise(state[f"{k}_codes"], state[f"{k}_absmax"], grad.shape, BLOCK_SIZE, grad.dtype, signed=sg)
-        for k, sg in _MOMENTS
-    )
-    direction = adam_direction(m, v, grad, group["betas"], group["eps"], step)
-    for (k, sg), moment in zip(_MOMENTS, (m, v)):
-        state[f"{k}_codes"], state[f"{k}_absmax"] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
+        yield slice(None), adam_direction(state["exp_avg"], state["exp_avg_sq"], grad.to(dtype), group["betas"], group["eps"], step)
+        return
+    flat = grad.reshape(-1)
+    codes = {k: state[f"{k}_codes"].view(-1) for k, _ in _MOMENTS}
+    for start in range(0, flat.numel(), CHUNK):
+        values, blocks = slice(start, start + CHUNK), slice(start // BLOCK_SIZE, (start + CHUNK) // BLOCK_SIZE)
+        g = flat[values].to(dtype)
+        m, v = (dequantize_blockwise(codes[k][values], state[f"{k}_absmax"][blocks], g.shape, BLOCK_SIZE, dtype, signed=sg)
+                for k, sg in _MOMENTS)
+        direction = adam_direction(m, v, g, group["betas"], group["eps"], step)
+        for (k, sg), moment in zip(_MOMENTS, (m, v)):
+            codes[k][values], state[f"{k}_absmax"][blocks] = quantize_blockwise(moment, BLOCK_SIZE, signed=sg)
+        yield values, direction
+
+
+def moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tensor:
+    """The whole N of `moments_directions`, shaped like `grad` (for small tensors: the low-rank moments)."""
+    direction = torch.empty(grad.shape, dtype=state_dtype(grad), device=grad.device)
+    for values, piece in moments_directions(state, grad, group, step):
+        direction.view(-1)[values] = piece.reshape(-1)
     return direction
 
 
@@ -140,10 +156,12 @@ class AdamW(torch.optim.Optimizer):
         return {"step": torch.tensor(0, dtype=torch.int64)} | zero_moments(p.shape, state_dtype(p), p.device, eight_bit)
 
     def _update(self, p: Tensor, group: dict, state: dict) -> None:
-        w = p.to(state_dtype(p))  # p itself for float32/float64 weights
-        direction = moments_direction(state, p.grad.to(w.dtype), group, int(state["step"]))
-        w.mul_(1 - group["lr"] * group["weight_decay"]).add_(direction, alpha=-group["lr"])
-        write_weight_(p, w)
+        lr, flat = group["lr"], p.view(-1)  # parameters are contiguous
+        for values, direction in moments_directions(state, p.grad, group, int(state["step"])):
+            piece = flat[values]
+            w = piece.to(direction.dtype)  # piece itself for float32/float64 weights
+            w.mul_(1 - lr * group["weight_decay"]).add_(direction.reshape(-1), alpha=-lr)
+            write_weight_(piece, w)  # stochastic rounding into bf16 weights
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

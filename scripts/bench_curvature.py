@@ -65,8 +65,7 @@ def whole_state_bytes(cfg) -> int:
     from curvtrain.distributed.ownership import state_costs
     from curvtrain.distributed.trainer import build_model_and_optimizer
 
-    with torch.device("meta"):
-        model, optimizer = build_model_and_optimizer(cfg)
+    model, optimizer = build_model_and_optimizer(cfg, torch.device("meta"))
     return 4 * sum(state_costs(optimizer, {p: n for n, p in model.named_parameters()}).values())
 
 

@@ -50,7 +50,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curvtrain.distributed.metrics import peak_memory_bytes  # noqa: E402
-from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated, timed_ms  # noqa: E402
+from scripts.benchlib import (MemoryPhases, Spread, add_common_args, cuda_available, ratio, run_child,  # noqa: E402
+                             run_interleaved, timed_ms)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
 LOWRANK = ("galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
@@ -150,18 +151,14 @@ SETUPS: dict[str, Callable[..., Setup]] = {
 
 
 def build_model(spec: dict):
-    """Our LLaMA built on the device directly in the target dtype: fp32 7b weights (27 GB) never exist."""
+    """Our LLaMA materialized on the device in the target dtype (`models.llama.build_llama`): the weights the
+    trainer gets for the same seed, and fp32 7b weights (27 GB) never exist."""
     import torch
 
-    from curvtrain.models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.models.llama import build_llama, llama_config
 
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
-    torch.set_default_dtype(dtype)  # for the parameters' construction and init only
-    try:
-        with torch.device(spec["device"]):
-            model = LlamaForCausalLM(llama_config(spec["model"]))
-    finally:
-        torch.set_default_dtype(torch.float32)  # optimizer state and anything built later keep their own dtypes
+    model = build_llama(llama_config(spec["model"]), dtype=dtype, device=spec["device"])
     model.gradient_checkpointing = spec["checkpointing"]
     return model.train()
 
@@ -242,8 +239,11 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda" and spec["memory_cap_gib"]:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * 2**30 / total), device)
-    torch.manual_seed(0)
-    model = build_model(spec)
+    memory = MemoryPhases(device)
+    with memory.phase("before the model"):
+        torch.manual_seed(0)
+    with memory.phase("build"):
+        model = build_model(spec)
     setup = SETUPS[spec["optimizer"]](model, spec)
     x = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"] + 1), device=device)
 
@@ -254,14 +254,17 @@ def measure(spec: dict) -> dict:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-    timed_ms(step, spec["warmup"], device)  # the first step draws the first basis
+    with memory.phase("first steps"):
+        timed_ms(step, spec["warmup"], device)  # the first step creates the state and draws the first basis
     if setup.set_gap:
         setup.set_gap(NO_REFRESH)
-    steady_ms = timed_ms(step, spec["steps"], device)
+    with memory.phase("steady steps"):
+        steady_ms = timed_ms(step, spec["steps"], device)
     result = {"steady_ms": steady_ms, "refresh_ms": None, "amortized_ms": steady_ms}
     if setup.set_gap:
         setup.set_gap(1)
-        result["refresh_ms"] = timed_ms(step, spec["refresh_steps"], device)
+        with memory.phase("refresh steps"):
+            result["refresh_ms"] = timed_ms(step, spec["refresh_steps"], device)
         result["amortized_ms"] = steady_ms + (result["refresh_ms"] - steady_ms) / spec["update_gap"]
         setup.set_gap(spec["update_gap"])
     result["refresh_overhead"] = result["amortized_ms"] / steady_ms - 1
@@ -269,6 +272,8 @@ def measure(spec: dict) -> dict:
     result["tokens_per_s"] = tokens / (steady_ms / 1000)
     result["amortized_tokens_per_s"] = tokens / (result["amortized_ms"] / 1000)
     result["state_bytes"] = state_bytes(setup.optimizers)
+    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["phase_peak_bytes"], result["phase_end_bytes"] = memory.peak, memory.end
     result["peak_bytes"] = peak_memory_bytes(device)
     return result
 
@@ -279,7 +284,9 @@ def run_one(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     try:
         return measure(spec)
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError, or a library's plain RuntimeError saying so
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e).lower():
+            raise
         return {"oom": True, "peak_bytes": peak_memory_bytes(torch.device(spec["device"]))}
 
 
@@ -309,6 +316,26 @@ def format_row(r: dict, adamw: dict | None, adamw_bytes: int) -> str:
     return (f"{name:18s} {r['peak_bytes'] / 2**30:9.2f} {r['state_bytes'] / 2**20:10.2f} {cut} {r['steady_ms']:9.1f} "
             f"{r['tokens_per_s']:9.0f} {refresh} {r['amortized_ms']:10.1f} {r['amortized_tokens_per_s']:11.0f} "
             f"{100 * r['refresh_overhead']:8.2f}% {ratio}")
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median amortized time (its own peak and phases), with all runs kept under "runs"."""
+    if any(r.get("oom") for r in runs):
+        return {**next(r for r in runs if r.get("oom")), "runs": runs}
+    ordered = sorted(runs, key=lambda r: r["amortized_ms"])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": runs}
+
+
+def print_breakdown(r: dict) -> None:
+    """Where the bytes of a row go: memory in use at the end of each phase, and each phase's peak above that."""
+    gib = lambda b: f"{b / 2**30:6.2f}"  # noqa: E731
+    base = r["phase_end_bytes"]["before the model"]
+    print(f"  {r['optimizer']}: process before the model {gib(base)} GiB; weights {gib(r['weight_bytes'])} GiB; "
+          f"optimizer state {gib(r['state_bytes'])} GiB", flush=True)
+    for phase, peak in list(r["phase_peak_bytes"].items())[1:]:
+        end = r["phase_end_bytes"][phase]
+        print(f"    {phase:18s} peak {gib(peak)}  in use after {gib(end)}  peak above the end of the build "
+              f"{gib(peak - r['phase_end_bytes']['build'])} GiB", flush=True)
 
 
 def print_census(args) -> None:
@@ -349,6 +376,7 @@ def main() -> None:
     p.add_argument("--update-gap", type=int, default=200, help="T: steps between basis refreshes, for the amortization")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each row, interleaved (A B A B ...); speeds as medians")
     p.add_argument("--refresh-steps", type=int, default=1, help="forced refresh steps timed (each is one refresh)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="CUDA: cap the process's memory; OOM if over")
@@ -375,27 +403,30 @@ def main() -> None:
           f"{f' cap {args.memory_cap_gib} GiB' if base['memory_cap_gib'] else ''}; peak = "
           f"{'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of the process'}", flush=True)
     print(HEADER, flush=True)
-    rows, adamw = [], None
-    adamw_bytes = adamw_state_bytes(base)
-    for name in [n for n in OPTIMIZERS if n in args.optimizers]:  # adamw first: the reference of later rows
-        if name == "galore8bit" and not cuda:
-            print(f"{name:18s} skipped on CPU (galore-torch calls torch.cuda.synchronize in every step)", flush=True)
-            continue
-        spec = {**base, "optimizer": name}
-        result, stderr = run_isolated(__file__, spec)
-        if result is None:
-            if "out of memory" in stderr.lower():  # e.g. raised by a library as a plain RuntimeError
-                rows.append({**spec, "oom": True, "peak_bytes": math.nan})
-                print(format_row(rows[-1], adamw, adamw_bytes), flush=True)
-            else:
-                print(f"{name}: FAILED\n{stderr[-2000:]}", file=sys.stderr, flush=True)
-            continue
-        rows.append({**spec, **result})
-        if name == "adamw" and not rows[-1].get("oom"):
-            adamw, adamw_bytes = rows[-1], rows[-1]["state_bytes"]
-        print(format_row(rows[-1], adamw, adamw_bytes), flush=True)
+    names = [n for n in OPTIMIZERS if n in args.optimizers and (cuda or n != "galore8bit")]
+    if "galore8bit" in args.optimizers and not cuda:
+        print("galore8bit skipped on CPU (galore-torch calls torch.cuda.synchronize in every step)", flush=True)
+    specs = [{**base, "optimizer": name} for name in names]  # adamw first: the reference of later rows
+    results = run_interleaved(__file__, specs, args.repeats, label=lambda spec: spec["optimizer"])
+    rows = [{**spec, **_median_run(runs)} for spec, runs in zip(specs, results)]
+    adamw = next((r for r in rows if r["optimizer"] == "adamw" and not r.get("oom")), None)
+    adamw_bytes = adamw["state_bytes"] if adamw else adamw_state_bytes(base)
+    for r in rows:
+        print(format_row(r, adamw, adamw_bytes), flush=True)
     if adamw is None:
         print(f"vs AdamW: against AdamW's two moments in {base['precision']} ({adamw_bytes / 2**20:.2f} MiB), not measured")
+    elif args.repeats > 1:
+        print(f"amortized tokens/s, median [min–max] of {args.repeats} interleaved runs; ratio to AdamW's tokens/s "
+              f"claimed only where the spreads do not overlap:")
+        reference = Spread(tuple(r["tokens_per_s"] for r in adamw["runs"]))
+        for r in rows:
+            if not r.get("oom") and r is not adamw:
+                mine = Spread(tuple(run["amortized_tokens_per_s"] for run in r["runs"]))
+                print(f"  {r['optimizer']:18s} {mine!s:28s} vs AdamW {reference}: {ratio(mine, reference)}", flush=True)
+    print("where the bytes go (GiB; in use = resident set on CPU, allocated on CUDA):")
+    for r in rows:
+        if not r.get("oom"):
+            print_breakdown(r)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -4,9 +4,11 @@ plus the cost of curvtrain's distributed path (Ray worker + DeepSpeed engine, 1 
 model in a plain loop.
 
     python scripts/bench_throughput.py --device cuda --model 1b --batch 16 --seq 256 1024   # GPU
-    python scripts/bench_throughput.py --device cpu --model 20m --batch 8 --seq 256         # CPU
+    python scripts/bench_throughput.py --device cpu --model 20m --batch 8 --seq 256 --repeats 5   # CPU
 
-Each measurement runs in its own process (clean peak memory). MFU = flops_per_token × tokens/s / peak,
+Each measurement runs in its own process (clean peak memory); every configuration runs --repeats times,
+interleaved with the others, and is reported as median [min–max]; a ratio between two configurations is
+claimed only where their ranges do not overlap (`benchlib.ratio`). MFU = flops_per_token × tokens/s / peak,
 flops_per_token = 6·N + 12·L·d·T (models.llama); peak = --peak-tflops on CUDA (790: dense bf16 as the
 reference numbers use), and on CPU the measured fp32 matmul rate of the same process.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from curvtrain.distributed.metrics import peak_memory_bytes  # noqa: E402
-from scripts.benchlib import add_common_args, cuda_available, run_child, run_isolated, timed_ms  # noqa: E402
+from scripts.benchlib import Spread, add_common_args, cuda_available, ratio, run_child, run_interleaved, timed_ms  # noqa: E402
 
 
 def cpu_peak_flops() -> float:
@@ -148,6 +150,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=790.0)
     p.add_argument("--impls", nargs="+", default=["ours", "hf", "curvtrain"])
     p.add_argument("--compile", nargs="+", default=["eager", "compile"])
+    p.add_argument("--repeats", type=int, default=3, help="runs of each configuration, interleaved (A B A B ...)")
     add_common_args(p, threads_help="torch threads on CPU (a curvtrain worker's cpus_per_worker)")
     args = p.parse_args()
     if run_child(args, run_one):
@@ -156,21 +159,28 @@ def main() -> None:
     model = args.model or ("1b" if cuda else "20m")
     batch = args.batch or (16 if cuda else 8)
     precision = args.precision or ("bf16" if cuda else "fp32")
+    specs = [dict(impl=impl, compile=mode == "compile", model=model, batch=batch, seq=seq, device=args.device,
+                  precision=precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
+                  peak_tflops=args.peak_tflops)
+             for seq in args.seq for mode in args.compile for impl in args.impls]
+    name = lambda spec: f"{spec['impl']} {'compile' if spec['compile'] else 'eager'} seq {spec['seq']}"  # noqa: E731
+    print(f"{model} {precision} batch {batch}; each configuration {args.repeats}x, interleaved; "
+          f"median [min–max] over the repeats", flush=True)
+    results = run_interleaved(__file__, specs, args.repeats, label=name)
+    tokens = {name(spec): Spread(tuple(r["tokens_per_s"] for r in runs)) for spec, runs in zip(specs, results)}
     rows = []
+    for spec, runs in zip(specs, results):
+        peak, mfu = Spread(tuple(r["peak_gib"] for r in runs)), Spread(tuple(r["mfu"] for r in runs))
+        rows.append({**spec, "runs": runs})
+        print(f"{name(spec):28s} tok/s {tokens[name(spec)]!s:28s} peak GiB {peak.median:6.2f}  "
+              f"MFU {100 * mfu.median:5.1f}%", flush=True)
+    print("ratios of medians (claimed only where the spreads do not overlap):")
     for seq in args.seq:
         for mode in args.compile:
-            for impl in args.impls:
-                spec = dict(impl=impl, compile=mode == "compile", model=model, batch=batch, seq=seq, device=args.device,
-                            precision=precision, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                            peak_tflops=args.peak_tflops)
-                result, stderr = run_isolated(__file__, spec)
-                if result is None:
-                    print(f"{impl} {mode} seq {seq}: FAILED\n{stderr[-2000:]}", file=sys.stderr)
-                    continue
-                rows.append({**spec, **result})
-                r = rows[-1]
-                print(f"{impl:10s} {mode:8s} {batch}x{seq:<5d} {r['tokens_per_s']:10.0f} tok/s  {r['step_ms']:8.1f} ms/step  "
-                      f"{r['peak_gib']:6.2f} GiB  MFU {100 * r['mfu']:5.1f}%", flush=True)
+            key = lambda impl: f"{impl} {mode} seq {seq}"  # noqa: E731
+            for a, b, what in (("ours", "hf", "ours / HF"), ("curvtrain", "ours", "curvtrain path / plain loop")):
+                if key(a) in tokens and key(b) in tokens:
+                    print(f"  {what:30s} {mode:8s} seq {seq}: {ratio(tokens[key(a)], tokens[key(b)])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -1,13 +1,18 @@
 """What the benchmark scripts share: one measurement per fresh process (a clean peak memory), its
-result handed back as one `RESULT {json}` line."""
+result handed back as one `RESULT {json}` line; configurations repeated and interleaved (A B A B ...,
+so that a slow spell of a shared machine hits all of them alike), summarized by median and spread, and a
+ratio claimed only where the spreads do not overlap."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,8 +24,58 @@ def run_isolated(script: str, spec: dict) -> tuple[dict | None, str]:
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return None, proc.stderr
+        killed = f"\n(killed by signal {-proc.returncode}: out of host memory?)" if proc.returncode < 0 else ""
+        return None, proc.stderr + killed
     return json.loads(lines[0].removeprefix("RESULT ")), proc.stderr
+
+
+def run_interleaved(script: str, specs: list[dict], repeats: int, label=lambda spec: str(spec)) -> list[list[dict]]:
+    """Every spec `repeats` times, interleaved (round r runs spec 0, 1, ..., then round r + 1), each in its own
+    process. Returns the successful results of each spec; a failure is printed with its stderr and raises
+    SystemExit (non-zero) once every run has been tried."""
+    results: list[list[dict]] = [[] for _ in specs]
+    failed = []
+    for round_ in range(repeats):
+        for i, spec in enumerate(specs):
+            result, stderr = run_isolated(script, spec)
+            if result is None:
+                failed.append(f"{label(spec)} (round {round_ + 1})")
+                print(f"{label(spec)}: FAILED\n{stderr[-2000:]}", file=sys.stderr, flush=True)
+            else:
+                results[i].append(result)
+    if failed:
+        sys.exit(f"FAILED: {'; '.join(failed)}")
+    return results
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Repeated measurements of one quantity: their median and range."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    def __str__(self) -> str:
+        return f"{self.median:.4g} [{self.low:.4g}–{self.high:.4g}]"
+
+
+def ratio(a: Spread, b: Spread) -> str:
+    """a / b: the ratio of the medians where the ranges of a and b do not overlap, else "not resolved" with the
+    range of ratios the runs allow."""
+    if a.low > b.high or a.high < b.low:
+        return f"{a.median / b.median:.3f}x"
+    return f"not resolved (spreads overlap: {a.low / b.high:.3f}–{a.high / b.low:.3f}x)"
 
 
 def report(result: dict) -> None:
@@ -60,3 +115,35 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+class MemoryPhases:
+    """Peak memory of each named phase of a measurement, and the memory in use at its end. CPU: the process's
+    resident set (VmHWM / VmRSS of /proc/self/status; the high-water mark is reset at each phase's start by
+    writing 5 to /proc/self/clear_refs); CUDA: torch.cuda.max_memory_allocated / memory_allocated."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.end = device, {}, {}
+
+    @contextmanager
+    def phase(self, name: str):
+        self._reset_peak()
+        yield
+        self.peak[name], self.end[name] = self._read()
+
+    def _reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def _read(self) -> tuple[int, int]:
+        if self.device.type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated(self.device), torch.cuda.memory_allocated(self.device)
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        kib = lambda key: int(fields[key].split()[0]) * 1024  # noqa: E731
+        return kib("VmHWM"), kib("VmRSS")

@@ -34,7 +34,7 @@ def test_saved_config_loads_back_equal(tmp_path):
     (["engine.zero_stage=two"], r"engine\.zero_stage: expected an integer"),
     (["engine.precision=fp16"], r"precision must be 'fp32' or 'bf16'"),
     (["optimizer.lr=-1"], r"optimizer: lr must be a positive number"),
-    (["optimizer.name=sgd"], r"optimizer: name must be one of"),
+    (["optimizer.name=lamb"], r"optimizer: name must be one of"),
     (["optimizer.betas=[0.9]"], r"optimizer\.betas: expected a list of 2 values"),
     (["model.name=3b"], r"model: name must be one of"),
     (["workers.use_gpu=maybe"], r"workers\.use_gpu: expected true or false"),

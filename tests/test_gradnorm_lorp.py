@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import curvtrain.optim.adamw as adamw
 import curvtrain.optim.gradnorm_lorp as gnl
 from curvtrain.optim.gradnorm_lorp import GradNormLoRP, lowrank_param_groups, weight_norm_grads
 from curvtrain.optim.per_layer import attach_per_layer_step
@@ -332,3 +333,27 @@ def test_eight_bit_plain_group_stays_close_to_adamw():
         a.grad, b.grad = grad.clone(), grad.clone()
         eight.step(), full.step()
     assert (a - b).norm() <= tol * (b - w0).norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eight_bit_moments_chunked_equal_whole(monkeypatch, dtype):
+    """Updating 8-bit moments CHUNK values at a time (bounded temporaries) changes no bit of weights or state:
+    chunks hold whole quantization blocks. Shapes leave a partial last block and a partial last chunk."""
+    def run(chunk):
+        monkeypatch.setattr(adamw, "CHUNK", chunk)
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)  # the stochastic rounding of bf16 weights draws from the global generator
+        embed, proj = (nn.Parameter(torch.randn(*shape, generator=gen).to(dtype)) for shape in ((500, 17), (200, 64)))
+        opt = GradNormLoRP([{"params": [proj], "rank": 8}, {"params": [embed]}], lr=1e-2, eight_bit=True)
+        for _ in range(3):
+            for p in (embed, proj):
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+            opt.step()
+        return [embed, proj], opt.state_dict()["state"]
+
+    (params, state), (chunked_params, chunked_state) = run(1 << 20), run(512)
+    for a, b in zip(params, chunked_params):
+        assert torch.equal(a, b)
+    for i in state:
+        for key, value in state[i].items():
+            assert torch.equal(value, chunked_state[i][key]), key

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curvtrain.models.llama import LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM, apply_rotary, llama_config, rotary_cos_sin
+from curvtrain.models.llama import (LLAMA_CONFIGS, LlamaConfig, LlamaForCausalLM, apply_rotary, build_llama, llama_config,
+                                   rotary_cos_sin)
 
 
 def tiny_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -85,6 +86,43 @@ def test_state_dict_keys_are_hf_names():
     assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 16, 64)
     assert torch.equal(model.model.norm.weight, torch.ones(64))
     assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+# --- building without a float32 copy ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, dict(tie_word_embeddings=True)])
+def test_build_llama_equals_the_eager_constructor(overrides):
+    """Same seed → the eager float32 model bit for bit, and its bf16 cast exactly; the RNG ends where the eager
+    constructor leaves it (so whatever is drawn next is unchanged too)."""
+    cfg = llama_config("tiny", **overrides)
+    torch.manual_seed(7)
+    eager = LlamaForCausalLM(cfg)
+    after_eager = torch.rand(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(7)
+        built = build_llama(cfg, dtype=dtype)
+        assert torch.equal(torch.rand(4), after_eager)
+        expected = eager.to(dtype).state_dict()
+        got = built.state_dict()
+        assert list(got) == list(expected)
+        for name, value in got.items():
+            assert value.dtype == dtype and value.device.type == "cpu", name
+            assert torch.equal(value, expected[name]), name
+        assert (built.lm_head.weight is built.model.embed_tokens.weight) == cfg.tie_word_embeddings
+        assert all(p.requires_grad for p in built.parameters())
+
+
+def test_build_llama_places_each_module_once_final_and_draws_nothing_on_meta():
+    placed = []
+    torch.manual_seed(0)
+    model = build_llama(llama_config("tiny"), place=lambda m: placed.append((m, [p.clone() for p in m.parameters(recurse=False)])))
+    leaves = [m for m in model.modules() if list(m.parameters(recurse=False))]
+    assert sorted(map(id, leaves)) == sorted(id(m) for m, _ in placed)
+    for module, values in placed:  # what the hook saw is what the model holds
+        assert all(torch.equal(v, p) for v, p in zip(values, module.parameters(recurse=False)))
+    state = torch.get_rng_state()
+    meta = build_llama(llama_config("7b"), dtype=torch.bfloat16, device="meta")
+    assert meta.lm_head.weight.is_meta and torch.equal(torch.get_rng_state(), state)
 
 
 def test_tied_embeddings():

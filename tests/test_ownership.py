@@ -30,8 +30,7 @@ def test_7b_gradnorm_lorp_state_per_worker_is_total_over_n(world_size):
     """At the 7b setting (rank 1024), each worker holds ≈ 1/N of the optimizer state."""
     cfg = load_config(TrainConfig, None, ["model.name=7b", "optimizer.name=gradnorm_lorp", "optimizer.lowrank.rank=1024",
                                           "engine.zero_stage=0", f"workers.num_workers={world_size}", "batch.global_batch_size=64"])
-    with torch.device("meta"):
-        model, optimizer = build_model_and_optimizer(cfg)
+    model, optimizer = build_model_and_optimizer(cfg, torch.device("meta"))
     owners = plan_for(model, optimizer, world_size)
     costs = state_costs(optimizer, {p: n for n, p in model.named_parameters()})
     loads = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(world_size)]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from curvtrain.optim.quantize import dequantize_blockwise, dynamic_map, max_error, quantize_blockwise
+from curvtrain.optim.quantize import (_dequantize_torch, _quantize_torch, dequantize_blockwise, dynamic_map, error_bound,
+                                     max_error, quantize_blockwise, uses_bitsandbytes, zeros_blockwise)
 
 try:
     import bitsandbytes.functional as bnb
@@ -52,7 +53,33 @@ def test_round_trip_within_stated_bound(signed, block_size, n):
     assert torch.equal(absmax, blocks.amax(dim=1))
     scale = per_value_absmax(absmax, block_size, n)
     error = (x - dequantize_blockwise(codes, absmax, x.shape, block_size, signed=signed)).abs()
+    assert torch.all(error <= scale * (error_bound(signed, "cpu", block_size) + 1e-6))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("block_size", [64, 1000])
+def test_torch_path_picks_the_nearest_code(signed, block_size):
+    """The torch path's code is the argmin of |map − x/absmax| (brute force over all 256), so its error ≤ δ."""
+    x = sample(3001, signed, seed=block_size)
+    codes, absmax = _quantize_torch(x, block_size, signed=signed)
+    scale = per_value_absmax(absmax, block_size, x.numel())
+    distance = (dynamic_map(signed)[None, :] - (x / scale)[:, None]).abs()
+    nearest = distance.min(dim=1).values
+    assert torch.all(distance[torch.arange(x.numel()), codes.long()] <= nearest + 1e-7)
+    error = (x - _dequantize_torch(codes, absmax, x.shape, block_size, torch.float32, signed=signed)).abs()
     assert torch.all(error <= scale * (max_error(signed) + 1e-6))
+
+
+@needs_bnb
+def test_bitsandbytes_quantizes_on_cpu_within_one_step():
+    """Where bitsandbytes imports its CPU kernel does the work, and its stated bound (one step, 2δ) is tight
+    enough to be needed: it leaves the nearest code for some values."""
+    assert uses_bitsandbytes("cpu") and not uses_bitsandbytes("cpu", 1000)
+    x = sample(200003, signed=False, seed=3)
+    codes, absmax = quantize_blockwise(x, signed=False)
+    exact, _ = _quantize_torch(x, 256, signed=False)
+    assert (codes != exact).any() and (codes.int() - exact.int()).abs().max() <= 8
+    assert error_bound(False, "cpu") == 2 * max_error(False)
 
 
 def test_shape_dtype_and_zeros():
@@ -64,6 +91,10 @@ def test_shape_dtype_and_zeros():
     for signed in (True, False):
         codes, absmax = quantize_blockwise(zeros, signed=signed)
         assert torch.equal(dequantize_blockwise(codes, absmax, zeros.shape, signed=signed), zeros)
+        direct_codes, direct_absmax = zeros_blockwise((3, 100), signed=signed)
+        assert direct_codes.shape == (3, 100) and direct_codes.dtype == torch.uint8 and torch.equal(direct_absmax, absmax)
+        assert torch.equal(dequantize_blockwise(direct_codes, direct_absmax, (3, 100), signed=signed), zeros.view(3, 100))
+        assert torch.equal(direct_codes.view(-1), _quantize_torch(zeros, 256, signed=signed)[0])  # the nearest code of 0
 
 
 @needs_bnb
@@ -75,10 +106,10 @@ def test_torch_path_agrees_with_bitsandbytes(signed, block_size):
     # torch path (exact nearest code) never farther from x than bitsandbytes.
     x = sample(20011, signed, seed=block_size)
     code = dynamic_map(signed)
-    codes, absmax = quantize_blockwise(x, block_size, signed=signed)
+    codes, absmax = _quantize_torch(x, block_size, signed=signed)
     bnb_codes, bnb_state = bnb.quantize_blockwise(x, code=code, blocksize=block_size)
     assert torch.equal(absmax, bnb_state.absmax)
-    ours = dequantize_blockwise(codes, absmax, x.shape, block_size, signed=signed)
+    ours = _dequantize_torch(codes, absmax, x.shape, block_size, torch.float32, signed=signed)
     theirs = bnb.dequantize_blockwise(bnb_codes, absmax=absmax, code=code, blocksize=block_size)
     scale = per_value_absmax(absmax, block_size, x.numel())
     assert torch.all((ours - theirs).abs() <= scale * 2 * (max_error(signed) + 1e-6))
