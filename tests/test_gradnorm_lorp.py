@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-import curvtrain.optim.adamw as adamw
+import curvtrain.optim.adamw as adamw_module
 import curvtrain.optim.gradnorm_lorp as gnl
 from curvtrain.optim.gradnorm_lorp import GradNormLoRP, lowrank_param_groups, weight_norm_grads
 from curvtrain.optim.per_layer import attach_per_layer_step
@@ -340,7 +340,7 @@ def test_eight_bit_moments_chunked_equal_whole(monkeypatch, dtype):
     """Updating 8-bit moments CHUNK values at a time (bounded temporaries) changes no bit of weights or state:
     chunks hold whole quantization blocks. Shapes leave a partial last block and a partial last chunk."""
     def run(chunk):
-        monkeypatch.setattr(adamw, "CHUNK", chunk)
+        monkeypatch.setattr(adamw_module, "CHUNK", chunk)
         gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)  # the stochastic rounding of bf16 weights draws from the global generator
         embed, proj = (nn.Parameter(torch.randn(*shape, generator=gen).to(dtype)) for shape in ((500, 17), (200, 64)))
