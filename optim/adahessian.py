@@ -13,17 +13,17 @@ paper's lr · wd · θ. With D = |g| this is exactly Adam.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from .curvature import block_average
 from .rounding import write_weight_
-from .state import restore_saved_dtypes, state_dtype
+from .state import ParamwiseOptimizer, state_dtype
 
 
-class AdaHessian(torch.optim.Optimizer):
+class AdaHessian(ParamwiseOptimizer):
     """AdaHessian (module docstring). Call `update_hessian()` with a Hutchinson estimate in `.grad`
     before the first `step()` and then whenever a new estimate is due."""
 
@@ -68,18 +68,6 @@ class AdaHessian(torch.optim.Optimizer):
                     d.copy_(block_average(p.grad.to(d.dtype).abs(), group["block_size"]))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
-
-    @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
         """The update of one parameter of `group` from p.grad and its last Hessian diagonal D."""
         state = self.state[p]
@@ -101,6 +89,3 @@ class AdaHessian(torch.optim.Optimizer):
         """Elements of state per parameter (m, v and D): the cost model of block ownership."""
         return 3 * p.numel()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)

@@ -15,7 +15,7 @@ Weight decay rule, the one for every optimizer here: matrices (dim ≥ 2: projec
 output head) are decayed, vectors (norm gains, biases) are not (nanoGPT's and GaLore's rule).
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch.nn import Parameter
 
 from .quantize import BLOCK_SIZE, CHUNK, dequantize_blockwise, quantize_blockwise, zeros_blockwise
 from .rounding import write_weight_
-from .state import restore_saved_dtypes, state_dtype
+from .state import ParamwiseOptimizer, state_dtype
 
 # Tensors smaller than this keep full-precision moments under eight_bit (bitsandbytes' min_8bit_size):
 # norm gains are small and sensitive.
@@ -103,7 +103,7 @@ def moments_direction(state: dict, grad: Tensor, group: dict, step: int) -> Tens
     return direction
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(ParamwiseOptimizer):
     """AdamW with float32 state and stochastically rounded writes into bf16 weights (module docstring).
 
     `step_param(p, group)` steps one parameter (per-layer updates, `per_layer`).
@@ -123,18 +123,6 @@ class AdamW(torch.optim.Optimizer):
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eight_bit=eight_bit))
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
@@ -163,6 +151,3 @@ class AdamW(torch.optim.Optimizer):
             w.mul_(1 - lr * group["weight_decay"]).add_(direction.reshape(-1), alpha=-lr)
             write_weight_(piece, w)  # stochastic rounding into bf16 weights
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)  # float32 statistics of bf16 weights and uint8 codes stay so

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .rounding import write_weight_
-from .state import restore_saved_dtypes, state_dtype
+from .state import ParamwiseOptimizer, state_dtype
 
 GNS_GAMMA0 = 1.0
 """γ before the first step (λ = ‖g‖ at the first trial)."""
@@ -46,7 +46,7 @@ def _blocks(numel: int, block_size: int) -> tuple[int, int]:
     return -(-numel // length), length
 
 
-class MFAC(torch.optim.Optimizer):
+class MFAC(ParamwiseOptimizer):
     """Blockwise M-FAC (module docstring); `damping` a positive number or "gns"."""
 
     def __init__(
@@ -159,15 +159,7 @@ class MFAC(torch.optim.Optimizer):
             if closure is None:
                 raise RuntimeError("MFAC with damping='gns' needs step(closure): the acceptance rule re-evaluates the loss")
             return self._gns_step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
+        return super().step(closure)
 
     def _grad_norm_sq(self, params: list[tuple[Tensor, dict]]) -> Tensor:
         local = sum((p.grad.double().square().sum() for p, _ in params), torch.zeros((), dtype=torch.float64))
@@ -207,6 +199,3 @@ class MFAC(torch.optim.Optimizer):
         one = torch.ones((), dtype=torch.float64)
         return {"gns_gamma": (self.state["gns"]["gamma"].clone(), one)}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)

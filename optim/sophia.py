@@ -16,16 +16,16 @@ of coordinates that were not clipped (|m| < ρh + ε) is the "win rate" the pape
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from .rounding import write_weight_
-from .state import restore_saved_dtypes, state_dtype
+from .state import ParamwiseOptimizer, state_dtype
 
 
-class Sophia(torch.optim.Optimizer):
+class Sophia(ParamwiseOptimizer):
     """Sophia (module docstring). Call `update_hessian()` with the curvature estimate in `.grad` every k
     steps; `step()` with the gradient in `.grad` every step."""
 
@@ -66,18 +66,6 @@ class Sophia(torch.optim.Optimizer):
                     self._state(p)["hessian"].mul_(beta2).add_(p.grad, alpha=1 - beta2)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_param(p, group)
-        return loss
-
-    @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
         """The update of one parameter of `group` from p.grad."""
         state = self._state(p)
@@ -101,6 +89,3 @@ class Sophia(torch.optim.Optimizer):
         """Elements of state per parameter (m and h): the cost model of block ownership."""
         return 2 * p.numel()
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        restore_saved_dtypes(self, state_dict)

@@ -1,6 +1,8 @@
-"""Optimizer state in its own dtype: float32 statistics for bf16/fp16 weights survive a checkpoint."""
+"""What every update rule here shares: optimizer state in its own dtype (float32 statistics for bf16/fp16
+weights survive a checkpoint), and one parameter stepped at a time (`ParamwiseOptimizer`)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import chain
 
 import torch
@@ -21,3 +23,28 @@ def restore_saved_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
         for key, value in state_dict["state"].get(i, {}).items():
             device = value.device if key == "step" else p.device  # the step count stays on the CPU
             optimizer.state[p][key] = value.to(device, copy=True)
+
+
+class ParamwiseOptimizer(torch.optim.Optimizer):
+    """A torch Optimizer whose update is one parameter at a time, `step_param(p, group)` from p.grad: `step()`
+    runs the closure (with gradients enabled) and then steps every parameter that has a gradient; per-layer
+    updates (`optim.per_layer`) call `step_param` inside backward. Loading a state dict keeps the saved dtypes."""
+
+    def step_param(self, p: Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.step_param(p, group)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)

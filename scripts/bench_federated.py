@@ -89,7 +89,7 @@ def table_and_plot(results: dict, rounds: int, out: Path) -> None:
 
     runs = [r for k, r in results.items() if k.endswith(f"rounds={rounds}")]
     alphas = sorted({r["alpha"] for r in runs}, reverse=True)
-    print(f"| algorithm | " + " | ".join(f"Dir-{a} final acc. (mean ± sd over seeds)" for a in alphas) + " |")
+    print("| algorithm | " + " | ".join(f"Dir-{a} final acc. (mean ± sd over seeds)" for a in alphas) + " |")
     print("|---|" + "---|" * len(alphas))
     for name in ALGORITHMS:
         cells = []

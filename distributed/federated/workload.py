@@ -12,7 +12,6 @@ computes the same batches and a resumed run reads what an uninterrupted one woul
 from __future__ import annotations
 
 import json
-from typing import Iterator
 
 import numpy as np
 import torch
