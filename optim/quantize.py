@@ -26,7 +26,7 @@ the 8M-value embedding of the 20m model). Its CPU quantizer is not exact round-t
 neighbouring code (several codes off only for |x/a_b| < 1e-4, where codes are 1e-5 apart), so on that
 path the bound is one step of the map, 2δ (measured: 1.005δ). The torch path (exact nearest code:
 `bucketize` on the midpoints of the map) runs on any device without bitsandbytes, and for block sizes
-bitsandbytes does not take. Moments are updated `CHUNK` values at a time (`optim.gradnorm_lorp`), so
+bitsandbytes does not take. Moments are updated `CHUNK` values at a time (`optim.adamw.moments_directions`), so
 neither path holds full-size temporaries of a large tensor.
 """
 
