@@ -40,6 +40,10 @@ MANIFEST = "manifest.json"
 LATEST = "LATEST"
 
 
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (it would overwrite or lose saved work)."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt."""
 
@@ -199,3 +203,24 @@ def prune(ckpt_root: Path, keep: int) -> None:
     for old in sealed[:-keep]:
         if old != newest:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The newest sealed checkpoint of `run_dir` when resuming (RunDirError if there is none), else None
+    after making sure a fresh run overwrites no checkpoint (RunDirError). Its contents are not checked here."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if resume:
+        found = latest(ckpt_root)
+        if found is None:
+            raise RunDirError(f"--resume: no checkpoint in {ckpt_root}")
+        return found
+    if ckpt_root.exists() and any(ckpt_root.iterdir()):
+        raise RunDirError(f"run directory {run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
+    return None
+
+
+def remove_unsealed(ckpt_root: Path) -> None:
+    """A save interrupted by a crash leaves a step_* folder without manifest: it holds nothing usable."""
+    for folder in Path(ckpt_root).glob("step_*"):
+        if not (folder / MANIFEST).is_file():
+            shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,6 @@ would read like bad input). Bad input is what `check` raises, before any worker 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import ray
@@ -25,10 +24,6 @@ from curvtrain.distributed.ownership import plan_for
 from curvtrain.distributed.trainer import build_model_and_optimizer
 from curvtrain.distributed.worker import TrainWorker
 from curvtrain.models.data import prepare_tokens
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked (it would overwrite or lose saved work)."""
 
 
 class RunFailed(RuntimeError):
@@ -91,14 +86,9 @@ class Coordinator:
 
     def check(self) -> Path | None:
         """Everything that can fail before workers start; returns the checkpoint to resume from."""
-        resume_from = None
-        if self.resume:
-            resume_from = checkpoint.latest(self.ckpt_root)
-            if resume_from is None:
-                raise RunDirError(f"--resume: no checkpoint in {self.ckpt_root}")
+        resume_from = checkpoint.to_resume(self.run_dir, self.resume)
+        if resume_from is not None:
             self.check_checkpoint(resume_from)
-        elif self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
-            raise RunDirError(f"run directory {self.run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
         prepare_tokens(self.cfg.data)  # corpus and tokenizer problems surface here, and workers hit the cache
         self.owners = self.ownership_plan()  # builds the optimizer on a meta model: bad ranks/targets fail here
         self.checked, self.resume_from = True, resume_from
@@ -128,7 +118,7 @@ class Coordinator:
         for attempt in range(self.cfg.workers.max_restarts + 1):
             # records after the checkpoint we start from will be written again
             truncate_metrics(self.run_dir, checkpoint.step_of(resume_from) if resume_from else 0)
-            self.remove_unsealed_checkpoints()
+            checkpoint.remove_unsealed(self.ckpt_root)
             group = WorkerGroup(self.cfg, local=self.local)
             try:
                 (self.run_dir / "workers.json").write_text(json.dumps({"attempt": attempt, **group.describe()}))
@@ -155,9 +145,3 @@ class Coordinator:
             return None
         model, optimizer = build_model_and_optimizer(self.cfg, torch.device("meta"))
         return plan_for(model, optimizer, self.cfg.workers.num_workers)
-
-    def remove_unsealed_checkpoints(self) -> None:
-        """A save interrupted by a crash leaves a step_* folder without manifest: it holds nothing usable."""
-        for folder in self.ckpt_root.glob("step_*"):
-            if not (folder / checkpoint.MANIFEST).is_file():
-                shutil.rmtree(folder, ignore_errors=True)

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.config import save_config
-from curvtrain.distributed.coordinator import RunDirError, RunFailed
+from curvtrain.distributed.coordinator import RunFailed
 from curvtrain.distributed.federated.algorithms import load_flat, mean_of
 from curvtrain.distributed.federated.config import FederatedConfig
 from curvtrain.distributed.federated.partition import sample_clients
@@ -61,14 +61,9 @@ class FederatedServer:
     # ---- before Ray starts ----
     def check(self) -> None:
         """Run directory, resume checkpoint and data: every problem raised here, nothing written."""
-        resume_from = None
-        if self.resume:
-            resume_from = checkpoint.latest(self.ckpt_root)
-            if resume_from is None:
-                raise RunDirError(f"--resume: no checkpoint in {self.ckpt_root}")
+        resume_from = checkpoint.to_resume(self.run_dir, self.resume)
+        if resume_from is not None:
             checkpoint.validate(resume_from)
-        elif self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
-            raise RunDirError(f"run directory {self.run_dir} already holds checkpoints: pass --resume to continue it, or choose another --out")
         self.workload = build_workload(self.cfg)  # a missing data file fails here
         torch.manual_seed(self.cfg.run.seed)
         self.model = self.workload.build_model()
@@ -104,7 +99,7 @@ class FederatedServer:
         else:  # a fresh run (check() found no checkpoint): states of an earlier, unsaved attempt are void
             shutil.rmtree(self.store.root, ignore_errors=True)
         truncate_metrics(self.run_dir, self.round, step_key="round")
-        self.remove_unsealed_checkpoints()
+        checkpoint.remove_unsealed(self.ckpt_root)
         pool = ActorPool(self.cfg, self.num_actors())
         logger = MetricsLogger(self.run_dir, start_step=self.round, step_key="round")
         from tqdm import tqdm
@@ -202,11 +197,6 @@ class FederatedServer:
         state = load_file(str(ckpt / "server.safetensors"))
         self.server_state = {k: state[k] for k in self.algorithm.server_state}
         self.round = meta["round"]
-
-    def remove_unsealed_checkpoints(self) -> None:
-        for folder in self.ckpt_root.glob("step_*"):
-            if not (folder / checkpoint.MANIFEST).is_file():
-                shutil.rmtree(folder, ignore_errors=True)
 
 
 def plot_rounds(run_dir: Path) -> list[Path]:
