@@ -60,3 +60,17 @@ def runs(ray_runtime, tmp_path_factory):
         return done[overrides]
 
     return get
+
+
+def resume_from_step_10(full: Path, out: Path, *overrides: str) -> Path:
+    """A copy of the finished 20-step run `full` taken back to right after step 10 (the later checkpoint
+    dropped, LATEST pointing at step 10), then resumed to the end with `overrides`: `out`."""
+    import shutil
+
+    from curvtrain.distributed.coordinator import Coordinator
+
+    shutil.copytree(full, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000020")
+    (out / "checkpoints" / "LATEST").write_text("step_00000010")
+    Coordinator(tiny(*overrides), out, resume=True).run()
+    return out

@@ -1,11 +1,9 @@
 """Sophia, AdaHessian and M-FAC through `pretrain`: real Ray workers, DeepSpeed ZeRO-0 engines, 2-process
 gloo groups; curvature estimates reduced to each block's owner, state only on owners."""
-import shutil
 
 import pytest
 
-from conftest import CONFIG, tiny
-from curvtrain.distributed.coordinator import Coordinator
+from conftest import resume_from_step_10, CONFIG, tiny
 from curvtrain.distributed.export import consolidated_state_dict
 from curvtrain.distributed.metrics import read_metrics
 from curvtrain.launcher.config import ConfigError
@@ -53,11 +51,7 @@ def test_two_workers_equal_one_worker_after_20_steps(runs, name):
 def test_resume_equals_uninterrupted(runs, tmp_path, name):
     overrides = (*ZERO0, *CASES[name], *TWO)
     full = runs(*overrides)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000020")
-    (resumed / "checkpoints" / "LATEST").write_text("step_00000010")
-    Coordinator(tiny(*overrides), resumed, resume=True).run()
+    resumed = resume_from_step_10(full, tmp_path / "resumed", *overrides)
     assert max_diff(weights(full), weights(resumed)) == 0.0
     assert [r["loss"] for r in read_metrics(full)] == [r["loss"] for r in read_metrics(resumed)]
 

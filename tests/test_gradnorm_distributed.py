@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import tiny
+from conftest import resume_from_step_10, tiny
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.coordinator import Coordinator
 from curvtrain.distributed.export import consolidated_state_dict
@@ -58,11 +58,7 @@ def test_optimizer_state_per_worker_is_half(runs):
 def test_resume_with_8bit_state_equals_uninterrupted(runs, tmp_path):
     overrides = (*GN, *TWO, "optimizer.lowrank.eight_bit=true")
     full = runs(*overrides)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000020")
-    (resumed / "checkpoints" / "LATEST").write_text("step_00000010")
-    Coordinator(tiny(*overrides), resumed, resume=True).run()
+    resumed = resume_from_step_10(full, tmp_path / "resumed", *overrides)
     a, b = weights(full), weights(resumed)
     assert max_diff(a, b) == 0.0
     assert [r["loss"] for r in read_metrics(full)] == [r["loss"] for r in read_metrics(resumed)]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
 
 import pytest
 
-from conftest import losses, tiny
+from conftest import resume_from_step_10, losses, tiny
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.coordinator import Coordinator
 from curvtrain.distributed.metrics import read_metrics
@@ -61,12 +60,7 @@ def tensorboard_steps(run_dir, tag: str) -> list[int]:
 
 def test_resume_equals_uninterrupted(runs, tmp_path):
     full = runs(*TWO_WORKERS[1])
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    # Go back to the state right after step 10: drop the later checkpoint, point LATEST at step 10.
-    shutil.rmtree(resumed / "checkpoints" / "step_00000020")
-    (resumed / "checkpoints" / "LATEST").write_text("step_00000010")
-    Coordinator(tiny(*TWO_WORKERS[1]), resumed, resume=True).run()
+    resumed = resume_from_step_10(full, tmp_path / "resumed", *TWO_WORKERS[1])
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 21))
     assert tensorboard_steps(resumed, "loss") == list(range(1, 21))  # steps 11-20 once, not twice
     a, b = losses(full), losses(resumed)
