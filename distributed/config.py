@@ -52,6 +52,9 @@ class EngineConfig:
     optimizer), none for owner-sharded optimizers (fp32 state, stochastically rounded updates)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    bucket_mb: float = 25.0
+    """Owner-sharded runs: size cap (MiB) of the buckets in which gradients travel to their owners and
+    updated weights come back (DDP's bucket_cap_mb); with per-layer updates, the unit of overlap with backward."""
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be ≥ 0, got {self.grad_clip}")
+        if not self.bucket_mb > 0:
+            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "train_batch_size": cfg.batch.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.engine.grad_clip,
+        # Owner-sharded: each gradient reaches only its owner, and the owners clip by the global norm.
+        "gradient_clipping": 0.0 if cfg.owner_sharded else cfg.engine.grad_clip,
         "zero_optimization": zero,
         # Owner-sharded optimizers get a bf16 model instead: DeepSpeed's bf16 optimizer flattens parameters.
         "bf16": {"enabled": cfg.engine.precision == "bf16" and not cfg.owner_sharded},
@@ -56,6 +57,6 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
-    if cfg.optimizer.per_layer:
-        engine.enable_backward_allreduce = False  # each gradient is reduced to its owner inside backward
+    if cfg.owner_sharded:
+        engine.enable_backward_allreduce = False  # each gradient is reduced to its owner only (distributed.sharded)
     return engine

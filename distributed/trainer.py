@@ -57,7 +57,9 @@ class Trainer:
         self.needs = cfg.optimizer.needs  # what it asks of this loop (optim.registry.Needs)
         if cfg.owner_sharded:
             names = {p: n for n, p in model.named_parameters()}
-            optimizer = OwnerShardedOptimizer(optimizer, owners, names, per_layer=cfg.optimizer.per_layer)
+            optimizer = OwnerShardedOptimizer(optimizer, owners, names, per_layer=cfg.optimizer.per_layer,
+                                              max_grad_norm=cfg.engine.grad_clip,
+                                              bucket_bytes=int(cfg.engine.bucket_mb * 2**20))
             if cfg.optimizer.per_layer:
                 attach_per_layer_step(model, optimizer, accumulation_steps=cfg.grad_accum)
         if cfg.model.compile:

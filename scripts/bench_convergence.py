@@ -29,7 +29,7 @@ GRID = {
     "adamw": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
     "gradnorm_lorp": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
     "galore_adamw": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
-    "sophia": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
+    "sophia": [3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
     "adahessian": [0.05, 0.15, 0.5],
     "mfac": [3e-4, 1e-3, 3e-3],
 }

@@ -1,6 +1,7 @@
 """Ray clusters as users run them: the local runtime's authentication, and a real token-authenticated
 two-node cluster on this machine (a head and a second node, each `ray start` with its own CPUs, ports and
-temp dir) that runs a tiny pretraining job submitted with `scripts/submit.sh` (`ray job submit`)."""
+temp dir) that runs a tiny pretraining job submitted with `scripts/submit.sh` (`ray job submit`), and a
+federated simulation submitted with `scripts/federate.sh`."""
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ from curvtrain.launcher.cluster import local_auth_env
 
 ROOT = Path(__file__).parents[1]
 SUBMIT = ROOT / "scripts" / "submit.sh"
+FEDERATE = ROOT / "scripts" / "federate.sh"
 BIN = Path(sys.executable).parent  # the venv's `ray` and `curvtrain`, as an activated venv puts them on PATH
 
 
@@ -211,6 +213,25 @@ def test_job_runs_ranks_on_both_nodes_and_seals_its_checkpoint(cluster, tmp_path
     logs = subprocess.run([BIN / "ray", "job", "logs", job_id, "--address", f"http://127.0.0.1:{cluster.dashboard}"],
                           env=cluster.env, capture_output=True, text=True, timeout=120)
     assert logs.returncode == 0 and "[curvtrain] done: step 4" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_federated_job_runs_client_actors_on_both_nodes(cluster, tmp_path):
+    """`curvtrain federate` as a cluster job: pool.num_actors=0 starts one client actor per CPU slot of the
+    whole cluster (2 nodes × 2 CPUs), so actors run on both nodes; the run seals its checkpoint."""
+    out = tmp_path / "fed"
+    result = subprocess.run([FEDERATE, f"127.0.0.1:{cluster.dashboard}", ROOT / "configs" / "fed-smoke.yaml", out,
+                             "--set", "pool.num_actors=0", "--set", "run.rounds=2", "--set", "run.eval_interval=2",
+                             "--set", "run.checkpoint_interval=2"],
+                            cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    actors = [cluster.nodes[n["node_id"]] for n in json.loads((out / "workers.json").read_text())["nodes"]]
+    assert sorted(actors) == ["head", "head", "node", "node"]
+    assert checkpoint.latest(out / "checkpoints").name == "step_00000002"
+    checkpoint.validate(out / "checkpoints" / "step_00000002")
+    assert [r["round"] for r in read_metrics(out) if "round" in r] == [1, 2]
+    assert "[curvtrain] done: round 2" in output, output[-3000:]
 
 
 JOIN = """

@@ -34,8 +34,9 @@ class ClientActor:
         self.model = self.workload.build_model().to(self.device)  # initial weights unused: each round loads xᵗ
         self.algorithm = cfg.algorithm.build()
 
-    def pid(self) -> int:
-        return os.getpid()
+    def where(self) -> tuple[int, str]:
+        """(process id, Ray node id) of this actor."""
+        return os.getpid(), ray.get_runtime_context().get_node_id()
 
     def train(self, client: int, round_: int, lr: float, start, server_state, client_state) -> ClientResult:
         from curvtrain.distributed.federated.client import train_client
@@ -69,8 +70,10 @@ class ActorPool:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
+    def describe(self) -> dict:
+        """Per actor: its process id and the node it runs on (recorded in RUN_DIR/workers.json)."""
+        where = ray.get([a.where.remote() for a in self.actors])
+        return {"pids": [pid for pid, _ in where], "nodes": [{"node_id": node} for _, node in where]}
 
     def run(self, clients: list[int], submit: Callable[[object, int], ray.ObjectRef]) -> tuple[dict[int, ClientResult], dict[int, str]]:
         """Train `clients`, one at a time per actor: submit(actor, client) starts one. Returns (results,

@@ -107,7 +107,7 @@ class FederatedServer:
         bar = tqdm(total=self.cfg.run.rounds, initial=self.round, desc=f"federate {self.cfg.algorithm.name}", unit="round")
         start, summary = time.perf_counter(), {}
         try:
-            (self.run_dir / "workers.json").write_text(json.dumps({"pids": pool.pids()}))
+            (self.run_dir / "workers.json").write_text(json.dumps(pool.describe()))
             while self.round < self.cfg.run.rounds:
                 record = self.run_round(pool)
                 record["elapsed_s"] = time.perf_counter() - start
