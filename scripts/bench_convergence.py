@@ -31,7 +31,7 @@ GRID = {
     "galore_adamw": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
     "sophia": [3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
     "adahessian": [0.05, 0.15, 0.5],
-    "mfac": [3e-4, 1e-3, 3e-3],
+    "mfac": [1e-4, 3e-4, 1e-3, 3e-3],
 }
 # Settings that make runs comparable (and reusable from an earlier OUT.json).
 SETTINGS = ("model", "steps", "seq", "batch", "workers", "rank", "update_gap", "eval_interval", "eval_samples")
