@@ -64,9 +64,14 @@ class Bucket:
         for p, start in zip(self.params, self.offsets):
             yield p, self.buffer[start:start + p.numel()].view_as(p)
 
+    def allocate(self) -> Tensor:
+        """A fresh, uninitialized buffer for one trip."""
+        self.buffer = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
+        return self.buffer
+
     def pack(self, values: Callable[[Tensor], Tensor | None], *, zero_missing: bool = True) -> Tensor:
         """A fresh buffer holding values(p) of every parameter (zeros, or nothing, where it is None)."""
-        self.buffer = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
+        self.allocate()
         for p, view in self.slices():
             value = values(p)
             if value is not None:
@@ -226,7 +231,7 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
         to the owner, and the bucket before it is finished (module docstring)."""
         bucket = self.buckets.of[p]
         if bucket.buffer is None:
-            bucket.buffer = torch.empty(bucket.numel, dtype=p.dtype, device=p.device)
+            bucket.allocate()
         start = self.buckets.start[p]
         bucket.buffer[start:start + p.numel()].view_as(p).copy_(p.grad)
         bucket.arrived.add(p)
