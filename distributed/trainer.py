@@ -24,7 +24,7 @@ from curvtrain.distributed.engine import build_engine, param_dtype, zero3_partit
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
 from curvtrain.distributed.sharded import OwnerShardedOptimizer
 from curvtrain.models.data import TokenData
-from curvtrain.models.llama import LlamaForCausalLM, build_llama, llama_config
+from curvtrain.models.llama import LlamaForCausalLM, build_llama, causal_lm_loss, llama_config
 from curvtrain.optim import attach_per_layer_step, build_optimizer, warmup_cosine
 from curvtrain.optim.curvature import gnb_diag, hutchinson_diag
 
@@ -91,15 +91,19 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch; returns this rank's mean micro-batch loss (on device)."""
         cfg = self.cfg
+        estimated: list[torch.Tensor] = []  # losses of the micro-batches whose gradient the estimate pass took
         if self.needs.estimate is not None and self.needs.estimate.due(self.step):
-            self.estimate_curvature()
+            estimated = self.estimate_curvature()
         if self.needs.closure:
             self.optimizer.closure = self.batch_closure()
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            inputs, targets = self.micro_batch(micro)
-            loss = self.engine(inputs, targets)
-            self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces at the boundary
+            if micro < len(estimated):
+                loss = estimated[micro]  # its gradient is in p.grad already
+            else:
+                inputs, targets = self.micro_batch(micro)
+                loss = self.engine(inputs, targets)
+                self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces at the boundary
             self.engine.step()  # optimizer + LR step only at the accumulation boundary
             loss_sum += loss.detach().float()
         self.step += 1
@@ -112,31 +116,48 @@ class Trainer:
         inputs, targets = self.data.train_batch(self.step, micro, self.rank, self.world_size, b.micro_batch_size, self.cfg.grad_accum)
         return inputs.to(self.device), targets.to(self.device)
 
-    def estimate_curvature(self) -> None:
+    def estimate_curvature(self) -> list[torch.Tensor]:
         """The optimizer's curvature estimate (registry `Estimate`) on this step's first micro-batches,
         taken on engine.module through torch.autograd.grad, so that neither DeepSpeed's gradient buffers
         nor per-layer hooks see it; the mean over all workers' micro-batches is reduced to each block's
         owner and folded into the optimizer's state there. Each micro-batch draws its labels (GNB) or
         Rademacher vectors (Hutchinson) from a generator seeded by (seed, step, global micro-batch), so
-        the estimate does not depend on which worker computes it."""
-        est, module = self.needs.estimate, self.engine.module
+        the estimate does not depend on which worker computes it.
+
+        The estimate's forward (GNB) or first backward (Hutchinson) also gives the training gradient of
+        those micro-batches: it is left in p.grad, scaled as engine.backward would, and their losses are
+        returned, so the step does not run them again."""
+        est, module, accum = self.needs.estimate, self.engine.module, self.cfg.grad_accum
         params = [p for p in module.parameters() if p.requires_grad]
-        count = est.micro_batches or self.cfg.grad_accum
-        total = None
+        grads = [torch.zeros_like(p) for p in params]
+        count = est.micro_batches or accum
+        total, losses = None, []
+
+        def train_loss(out: torch.Tensor, targets: torch.Tensor, micro: int) -> torch.Tensor:
+            loss = causal_lm_loss(out, targets) if est.estimator == "gnb" else out
+            if len(losses) == micro:  # the first evaluation, at θ (a finite difference evaluates again at θ + εu)
+                losses.append(loss.detach())
+            return loss
+
         for micro in range(count):
             inputs, targets = self.micro_batch(micro)
             generator = torch.Generator(self.device).manual_seed(
                 hash((self.cfg.run.seed, self.step, micro * self.world_size + self.rank)) & (2**63 - 1)
             )
             if est.estimator == "gnb":  # the model returns logits when given no targets
-                diag = gnb_diag(lambda: module(inputs), params, generator=generator)
+                diag = gnb_diag(lambda: module(inputs), params, generator=generator,
+                                train_loss=lambda logits: train_loss(logits, targets, micro), grad_out=grads)
             else:
                 with sdpa_kernel(SDPBackend.MATH) if est.method == "autograd" else nullcontext():  # twice differentiable
-                    diag = hutchinson_diag(lambda: module(inputs, targets), params, method=est.method, generator=generator)
+                    diag = hutchinson_diag(lambda: train_loss(module(inputs, targets), targets, micro), params,
+                                           method=est.method, generator=generator, grad_out=grads)
             total = diag if total is None else [t.add_(d) for t, d in zip(total, diag)]
         self.optimizer.reduce_estimates_to_owners(params, total, scale=1 / (count * self.world_size))
         self.optimizer.update_hessian()
         self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            p.grad = g.div_(accum)
+        return losses
 
     def batch_closure(self) -> Callable[[], torch.Tensor]:
         """A closure for optimizers that re-evaluate the step's batch (registry `closure`): the mean loss

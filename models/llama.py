@@ -197,6 +197,12 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean cross-entropy of logits [B, T, V] against targets [B, T] (already shifted,
+    -100 ignored), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
 class LlamaForCausalLM(nn.Module):
     """Embedding, decoder blocks, final norm and output head; `state_dict()` keys are HF LlamaForCausalLM's."""
 
@@ -234,9 +240,7 @@ class LlamaForCausalLM(nn.Module):
             else:
                 x = block(x, cos, sin)
         logits = self.lm_head(self.model.norm(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits if targets is None else causal_lm_loss(logits, targets)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of parameters; exclude_embeddings leaves out the input embedding table (a lookup, not a matmul)

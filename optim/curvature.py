@@ -38,6 +38,13 @@ def _grads(loss: Tensor, params: Sequence[Tensor], **kwargs) -> list[Tensor]:
 
 
 @torch.no_grad()
+def _add_into(out: Sequence[Tensor] | None, grads: Sequence[Tensor]) -> None:
+    if out is not None:
+        for o, g in zip(out, grads):
+            o.add_(g)
+
+
+@torch.no_grad()
 def _shifted_grads(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], vectors: Sequence[Tensor], eps: float) -> list[Tensor]:
     """∇f(θ + ε v), with θ restored exactly afterwards (a saved copy, not a subtraction)."""
     saved = [p.detach().clone() for p in params]
@@ -80,9 +87,12 @@ def hutchinson_diag(
     method: str = "autograd",
     eps: float = FD_EPS,
     generator: torch.Generator | None = None,
+    grad_out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """diag(H) ≈ (1/S) Σₛ uₛ ⊙ (H uₛ), uₛ Rademacher (Hutchinson 1990; Bekas et al. 2007): unbiased, since
-    E[u uᵀ] = I. The loss is differentiated once; each sample costs one more backward."""
+    E[u uᵀ] = I. The loss is differentiated once; each sample costs one more backward. That first
+    gradient ∇f(θ) is added into `grad_out` when given, so a training step can use it instead of taking
+    its own (as AdaHessian's official code does, from one backward with create_graph)."""
     _check_method(method)
     if samples < 1:
         raise ValueError(f"samples must be ≥ 1, got {samples}")
@@ -94,12 +104,15 @@ def hutchinson_diag(
             hu = _grads(grads, params, grad_outputs=u, retain_graph=s < samples - 1)
             for t, ui, hui in zip(total, u, hu):
                 t.addcmul_(ui, hui)
+        grads = [g.detach() for g in grads]
     else:
         base = _grads(loss_fn(), params)
         for _ in range(samples):
             u = rademacher_like(params, generator)
             for t, ui, shifted, g in zip(total, u, _shifted_grads(loss_fn, params, u, eps), base):
                 t.addcmul_(ui, shifted.sub_(g), value=1 / eps)
+        grads = base
+    _add_into(grad_out, grads)
     return [t.div_(samples) for t in total]
 
 
@@ -108,15 +121,21 @@ def gnb_diag(
     params: Sequence[Tensor],
     samples: int = 1,
     generator: torch.Generator | None = None,
+    train_loss: Callable[[Tensor], Tensor] | None = None,
+    grad_out: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """Gauss-Newton-Bartlett estimate of the Gauss-Newton diagonal of the mean cross-entropy (Liu et al.,
     ICLR 2024, "Sophia", Algorithm 2): labels ŷ ~ softmax(logits) are sampled from the model itself,
     ĝ = ∇ (1/B) Σ_b CE(logits_b, ŷ_b), estimate B · ĝ ⊙ ĝ with B the number of predictions (tokens).
     Unbiased for diag((1/B) Σ_b J_bᵀ (diag(p_b) − p_b p_bᵀ) J_b), because E_ŷ[∇ CE(logits_b, ŷ)] = 0.
     `logits_fn()` returns logits [..., vocab]; the forward runs once, each sample costs one backward;
-    `generator` lives on the logits' device."""
+    `generator` lives on the logits' device. With `train_loss` (logits → the training loss) and `grad_out`,
+    the training loss's gradient is taken from the same forward and added into `grad_out`, so a training
+    step that is also an estimate step runs one forward, not two."""
     if samples < 1:
         raise ValueError(f"samples must be ≥ 1, got {samples}")
+    if (train_loss is None) != (grad_out is None):
+        raise ValueError("train_loss and grad_out go together: the gradient of train_loss lands in grad_out")
     logits = logits_fn()
     flat = logits.flatten(0, -2).float()
     probs = flat.detach().softmax(-1)
@@ -124,9 +143,11 @@ def gnb_diag(
     total = [torch.zeros_like(p) for p in params]
     for s in range(samples):
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        g = _grads(F.cross_entropy(flat, labels), params, retain_graph=s < samples - 1)
+        g = _grads(F.cross_entropy(flat, labels), params, retain_graph=train_loss is not None or s < samples - 1)
         for t, gi in zip(total, g):
             t.addcmul_(gi, gi, value=batch)
+    if train_loss is not None:
+        _add_into(grad_out, _grads(train_loss(logits), params))
     return [t.div_(samples) for t in total]
 
 

@@ -30,7 +30,7 @@ GRID = {
     "gradnorm_lorp": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
     "galore_adamw": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
     "sophia": [3e-4, 5e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
-    "adahessian": [0.05, 0.15, 0.5],
+    "adahessian": [0.015, 0.05, 0.15, 0.5],
     "mfac": [1e-4, 3e-4, 1e-3, 3e-3],
 }
 # Settings that make runs comparable (and reusable from an earlier OUT.json).

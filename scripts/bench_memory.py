@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from curvtrain.distributed.host_memory import compact_host_heap  # noqa: E402
 from curvtrain.distributed.metrics import peak_memory_bytes  # noqa: E402
 from scripts.benchlib import (MemoryPhases, Spread, add_common_args, cuda_available, ratio, run_child,  # noqa: E402
                              run_interleaved, timed_ms)
@@ -281,6 +282,8 @@ def measure(spec: dict) -> dict:
 def run_one(spec: dict) -> dict:
     import torch
 
+    if spec["device"] == "cpu" and spec["heap"] == "compact":
+        compact_host_heap()
     torch.set_num_threads(spec["threads"])
     try:
         return measure(spec)
@@ -381,6 +384,9 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="CUDA: cap the process's memory; OOM if over")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--heap", choices=("compact", "glibc"), default="compact",
+                   help="CPU: compact = a fixed 1 MiB mmap threshold and 2 arenas (distributed.host_memory); "
+                        "glibc = the C library's defaults")
     p.add_argument("--state-only", action="store_true",
                    help="only the optimizer-state bytes of the whole model, measured per parameter kind (state_census)")
     add_common_args(p, threads_help="torch threads on CPU")
@@ -397,10 +403,11 @@ def main() -> None:
     base = dict(device=args.device, model=model, batch=args.batch, seq=args.seq, rank=args.rank or default_rank(model),
                 update_gap=args.update_gap, steps=args.steps, warmup=args.warmup, refresh_steps=args.refresh_steps,
                 precision=args.precision or ("bf16" if cuda else "fp32"), checkpointing=args.checkpointing,
-                memory_cap_gib=args.memory_cap_gib if cuda else None, threads=args.threads)
+                memory_cap_gib=args.memory_cap_gib if cuda else None, threads=args.threads, heap=args.heap)
     print(f"{model} {base['precision']} {args.batch}x{args.seq} rank {base['rank']} T {args.update_gap}"
           f"{' checkpointing' if args.checkpointing else ''}"
-          f"{f' cap {args.memory_cap_gib} GiB' if base['memory_cap_gib'] else ''}; peak = "
+          f"{f' cap {args.memory_cap_gib} GiB' if base['memory_cap_gib'] else ''}"
+          f"{'' if cuda else f'; host heap {args.heap}'}; peak = "
           f"{'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of the process'}", flush=True)
     print(HEADER, flush=True)
     names = [n for n in OPTIMIZERS if n in args.optimizers and (cuda or n != "galore8bit")]

@@ -9,8 +9,11 @@ optimizers (Sophia, AdaHessian, M-FAC) and the owner-sharded path against our Ad
 
 Rows (`--optimizers`): adamw (ZeRO-1, the default engine: moments sharded by DeepSpeed); adamw_owner (the
 same AdamW owner-sharded at ZeRO 0 with per-layer updates: the cost of the owner-sharded communication
-itself); gradnorm_lorp (rank 64, owner-sharded, whole step); sophia (Sophia-G, a GNB estimate every k = 10
-steps on one micro-batch per worker); adahessian (a Hutchinson estimate every step, double backward); mfac
+itself); gradnorm_lorp (rank 64, owner-sharded, whole step); gradnorm_lorp_per_layer (the same stepped
+per layer inside backward, its communication overlapped); sophia (Sophia-G, a GNB estimate every k = 10
+steps on one micro-batch per worker, sharing that micro-batch's forward); adahessian (a Hutchinson
+estimate every step by double backward, whose first backward is the step's gradient); adahessian_fd (the
+same estimate by a finite difference of gradients: two ordinary forward/backward passes per step); mfac
 (window m = 32, blocks of 16384); mfac_gns (the same with GNS damping). Measured per run:
 - amortized ms/step: (elapsed at the last step − elapsed at step --skip) / (steps − skip), from rank 0's
   metrics.jsonl; the window is a multiple of Sophia's k, so its estimates are amortized exactly;
@@ -39,13 +42,20 @@ ROWS = {
     "adamw": ["optimizer.name=adamw", "engine.zero_stage=1"],
     "adamw_owner": ["optimizer.name=adamw", "engine.zero_stage=0", "optimizer.per_layer=true", "engine.grad_clip=0"],
     "gradnorm_lorp": ["optimizer.name=gradnorm_lorp", "engine.zero_stage=0", "optimizer.lowrank.rank=64"],
+    "gradnorm_lorp_per_layer": ["optimizer.name=gradnorm_lorp", "engine.zero_stage=0", "optimizer.lowrank.rank=64",
+                                "optimizer.per_layer=true", "engine.grad_clip=0"],
     "sophia": ["optimizer.name=sophia", "engine.zero_stage=0", "optimizer.sophia.every=10", "optimizer.sophia.micro_batches=1"],
     "adahessian": ["optimizer.name=adahessian", "engine.zero_stage=0", "optimizer.adahessian.every=1"],
+    "adahessian_fd": ["optimizer.name=adahessian", "engine.zero_stage=0", "optimizer.adahessian.every=1",
+                      "optimizer.adahessian.method=finite_difference"],
     "mfac": ["optimizer.name=mfac", "engine.zero_stage=0", "optimizer.mfac.window=32"],
     "mfac_gns": ["optimizer.name=mfac", "engine.zero_stage=0", "optimizer.mfac.window=32", "optimizer.mfac.damping=gns",
                  "optimizer.lr=1.0", "optimizer.weight_decay=0", "engine.grad_clip=0"],
 }
-LR = {"adamw": 3e-3, "adamw_owner": 3e-3, "gradnorm_lorp": 5e-3, "sophia": 3e-3, "adahessian": 0.15, "mfac": 1e-3}  # plausible values; time does not depend on them
+LR = {  # plausible values; time does not depend on them
+    "adamw": 3e-3, "adamw_owner": 3e-3, "gradnorm_lorp": 5e-3, "gradnorm_lorp_per_layer": 5e-3, "sophia": 3e-3,
+    "adahessian": 0.15, "adahessian_fd": 0.15, "mfac": 1e-3,
+}
 
 
 def config(spec: dict):

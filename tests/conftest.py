@@ -39,6 +39,25 @@ def tiny(*overrides: str):
     return load_config(TrainConfig, CONFIG, list(overrides))
 
 
+def trainer_in_gloo_group(rank: int, world: int, store_dir: str, *overrides: str):
+    """The `Trainer` of rank `rank` of a real gloo group of `world` processes (meeting in `store_dir`), as a
+    Ray worker builds it, for tests that drive `train_step` themselves (call it in an mp.spawn child)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from curvtrain.distributed.coordinator import Coordinator
+    from curvtrain.distributed.trainer import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(store_dir, "store"), world), rank=rank, world_size=world)
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = tiny(*overrides)
+    run_dir = os.path.join(store_dir, "run")
+    return Trainer(cfg, run_dir, torch.device("cpu"), Coordinator(cfg, run_dir).ownership_plan())
+
+
 def losses(run_dir: Path) -> list[float]:
     from curvtrain.distributed.metrics import read_metrics
 

@@ -102,6 +102,30 @@ def test_hutchinson_finite_difference_matches_autograd_to_order_eps():
     assert (fd - exact).norm() < 1e-3 * exact.norm()
 
 
+@pytest.mark.parametrize("which", ["hutchinson_autograd", "hutchinson_finite_difference", "gnb"])
+def test_estimate_pass_gives_the_training_gradient_and_the_same_estimate(which):
+    """grad_out receives the training loss's gradient (autograd's), and asking for it leaves the estimate as it was."""
+    params, logits_of, y = softmax_model()
+    loss_fn = lambda: F.cross_entropy(logits_of(*params), y)  # noqa: E731
+    expected = torch.autograd.grad(loss_fn(), params)
+    grad_out = [torch.full_like(p, 0.5) for p in params]  # added into, not overwritten
+
+    def estimate(**kwargs):
+        gen = torch.Generator().manual_seed(3)
+        if which == "gnb":
+            if kwargs:
+                kwargs["train_loss"] = lambda logits: F.cross_entropy(logits, y)
+            return gnb_diag(lambda: logits_of(*params), params, samples=2, generator=gen, **kwargs)
+        method = which.removeprefix("hutchinson_")
+        return hutchinson_diag(loss_fn, params, samples=2, method=method, generator=gen, **kwargs)
+
+    plain, shared = estimate(), estimate(grad_out=grad_out)
+    for a, b in zip(plain, shared):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for g, e in zip(grad_out, expected):
+        torch.testing.assert_close(g, e + 0.5, rtol=1e-12, atol=1e-12)
+
+
 def test_block_average():
     x = torch.arange(10, dtype=torch.float64).view(2, 5)
     out = block_average(x, 4)

@@ -8,14 +8,13 @@ all-reduce 2(N−1)/N·n, reduce and broadcast (N−1)/N·n (pipelined ring), al
 (N−1)/N of the whole. DeepSpeed's collectives are counted too: it calls torch.distributed by attribute.
 """
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny
+from conftest import tiny, trainer_in_gloo_group
 
 WORLD = 2
 SENT = {  # bytes this rank sends, per byte of the collective's tensor
@@ -52,18 +51,7 @@ def count_collectives(tally: dict) -> None:
 
 
 def one_step_traffic(rank: int, store_dir: str, overrides: tuple, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    import deepspeed
-
-    from curvtrain.distributed.coordinator import Coordinator
-    from curvtrain.distributed.trainer import Trainer
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(store_dir, "store"), WORLD), rank=rank, world_size=WORLD)
-    deepspeed.init_distributed(dist_backend="gloo")
-    cfg = tiny(*overrides)
-    run_dir = os.path.join(store_dir, "run")
-    trainer = Trainer(cfg, run_dir, torch.device("cpu"), Coordinator(cfg, run_dir).ownership_plan())
+    trainer = trainer_in_gloo_group(rank, WORLD, store_dir, *overrides)
     trainer.train_step()  # the first step creates the optimizer state; count a later one
     before = [p.detach().clone() for p in trainer.engine.module.parameters()]
     tally: dict = {}
