@@ -52,21 +52,26 @@ class Bucket:
     """Parameters of one owner and one dtype that travel together in one flat buffer."""
 
     owner: int
-    params: list[Tensor]
-    offsets: list[int]
-    numel: int
+    offsets: dict[Tensor, int] = field(default_factory=dict)  # each parameter's start in the buffer, in plan order
+    numel: int = 0
     buffer: Tensor | None = None  # allocated for one trip, freed after it
     arrived: set = field(default_factory=set)  # per-layer: parameters whose gradient is in the buffer
     work: object = None  # the collective in flight
 
+    def view(self, p: Tensor) -> Tensor:
+        """p's part of the buffer, shaped like p."""
+        start = self.offsets[p]
+        return self.buffer[start:start + p.numel()].view_as(p)
+
     def slices(self) -> Iterable[tuple[Tensor, Tensor]]:
         """(parameter, its view of the buffer) pairs."""
-        for p, start in zip(self.params, self.offsets):
-            yield p, self.buffer[start:start + p.numel()].view_as(p)
+        for p in self.offsets:
+            yield p, self.view(p)
 
     def allocate(self) -> Tensor:
         """A fresh, uninitialized buffer for one trip."""
-        self.buffer = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
+        first = next(iter(self.offsets))
+        self.buffer = torch.empty(self.numel, dtype=first.dtype, device=first.device)
         return self.buffer
 
     def pack(self, values: Callable[[Tensor], Tensor | None], *, zero_missing: bool = True) -> Tensor:
@@ -92,15 +97,13 @@ class Buckets(list):
             key = (owner[p], p.dtype)
             bucket = open_.get(key)
             if bucket is None:
-                bucket = open_[key] = Bucket(owner[p], [], [], 0)
+                bucket = open_[key] = Bucket(owner[p])
                 self.append(bucket)
-            bucket.params.append(p)
-            bucket.offsets.append(bucket.numel)
+            bucket.offsets[p] = bucket.numel
             bucket.numel += p.numel()
             if bucket.numel * p.element_size() >= cap_bytes:
                 del open_[key]
-        self.of = {p: bucket for bucket in self for p in bucket.params}
-        self.start = {p: start for bucket in self for p, start in zip(bucket.params, bucket.offsets)}
+        self.of = {p: bucket for bucket in self for p in bucket.offsets}
 
 
 class OwnerShardedOptimizer(torch.optim.Optimizer):
@@ -232,10 +235,9 @@ class OwnerShardedOptimizer(torch.optim.Optimizer):
         bucket = self.buckets.of[p]
         if bucket.buffer is None:
             bucket.allocate()
-        start = self.buckets.start[p]
-        bucket.buffer[start:start + p.numel()].view_as(p).copy_(p.grad)
+        bucket.view(p).copy_(p.grad)
         bucket.arrived.add(p)
-        if len(bucket.arrived) == len(bucket.params):
+        if len(bucket.arrived) == len(bucket.offsets):
             self.start_reduce(bucket)
             self.finish_reduces(keep=1)
             self.receive_weights(keep=1)

@@ -282,8 +282,9 @@ def measure(spec: dict) -> dict:
 def run_one(spec: dict) -> dict:
     import torch
 
-    if spec["device"] == "cpu" and spec["heap"] == "compact":
-        compact_host_heap()
+    if spec["device"] == "cpu" and spec["heap"] == "compact" and not compact_host_heap():
+        print("warning: not glibc, the host heap keeps the C library's defaults (--heap compact not applied)",
+              file=sys.stderr, flush=True)
     torch.set_num_threads(spec["threads"])
     try:
         return measure(spec)
