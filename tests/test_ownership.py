@@ -4,7 +4,7 @@ import torch
 
 from curvtrain.distributed.config import TrainConfig
 from curvtrain.distributed.ownership import assign_owners, plan_for, state_costs
-from curvtrain.distributed.trainer import build_model_and_optimizer
+from curvtrain.distributed.engine import build_model_and_optimizer
 from curvtrain.launcher.config import load_config
 
 
