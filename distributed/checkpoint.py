@@ -142,15 +142,16 @@ def hash_own_files(ckpt_dir: Path, rank: int) -> dict[str, dict]:
 
 
 def write_manifest(ckpt_dir: Path, hashes: list[dict[str, dict]], *, step: int, world_size: int, zero_stage: int,
-                   distributor: str) -> None:
+                   **fields) -> None:
     """Seal a checkpoint all ranks have finished writing, then point LATEST at it (rank 0 only).
-    `hashes`: each rank's `hash_own_files`; a file in none of them is hashed here."""
+    `hashes`: each rank's `hash_own_files`; a file in none of them is hashed here. `fields`: more plain
+    facts of the writer that a resume checks (pretraining: `distributor`)."""
     merged = {name: meta for own in hashes for name, meta in own.items()}
     files = {}
     for p in _files(ckpt_dir):
         name = str(p.relative_to(ckpt_dir))
         files[name] = merged[name] if name in merged else _entry(p)
-    manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "distributor": distributor, "files": files}
+    manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, **fields, "files": files}
     write_text_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_text_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)
 

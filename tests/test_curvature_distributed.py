@@ -48,6 +48,17 @@ def test_two_workers_equal_one_worker_after_20_steps(runs, name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["sophia", "mfac_gns"])  # estimates to uneven owners; the closure's trial points
+def test_three_workers_equal_one_worker(runs, name):
+    """3 workers, 12 sequences a step (1 worker: accumulation 3): ranks 0 and 1 own only the embedding and
+    the head, rank 2 every other block."""
+    batch = ("batch.global_batch_size=12",)
+    one = runs(*ZERO0, *CASES[name], "workers.num_workers=1", *batch)
+    three = runs(*ZERO0, *CASES[name], "workers.num_workers=3", *batch)
+    assert max_diff(weights(one), weights(three)) <= 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sophia", "adahessian", "mfac_gns"])  # h; Adam moments of the estimate; windows and γ
 def test_resume_equals_uninterrupted(runs, tmp_path, name):
     overrides = (*ZERO0, *CASES[name], *TWO)
