@@ -279,7 +279,8 @@ class Needs:
     estimate: Estimate | None = None
     """A curvature estimate every k steps, handed over by `update_hessian(estimates)`; or None."""
     closure: bool = False
-    """Its step re-evaluates the loss and gradients of the step's batch through a closure."""
+    """Its step re-evaluates the loss and gradients of the step's batch through a closure, as M-FAC's
+    `step(closure, start=(f(x), ‖∇f(x)‖²))` does: the closure returns (f, ‖∇f‖²) over all shards."""
     metrics: bool = False
     """It reports statistics of its own: `metrics()` → {name: (numerator, denominator)} of sums over its
     parameters, which add up across shards (Sophia's win rate, GNS's γ)."""
