@@ -18,12 +18,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_runtime():
-    """One local Ray runtime for the whole session (starting one costs seconds)."""
+    """One local Ray runtime for the whole session (starting one costs seconds), with 3 CPU slots: the
+    3-worker tests oversubscribe a 2-core machine, as a local runtime does for any run that asks for more."""
     import ray
 
     from curvtrain.launcher.cluster import connect
 
-    connect(None, num_cpus_needed=2)
+    connect(None, num_cpus_needed=3)
     yield
     ray.shutdown()
 
