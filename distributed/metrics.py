@@ -62,27 +62,34 @@ def truncate_metrics(run_dir: Path, last_step: int, step_key: str = "step") -> N
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_losses(run_dir: Path) -> Path:
-    """RUN_DIR/loss.png: training loss per step and validation loss at evaluation steps."""
+def plot_series(run_dir: Path, name: str, x: str, series: dict[str, tuple[str, str]], ylabel: str) -> Path | None:
+    """RUN_DIR/<name>.png: each metric of `series` ({key: (label, matplotlib style)}) against record field `x`;
+    None (no file) when no record has any of them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    points = {key: [(r[x], r[key]) for r in records if key in r] for key in series}
+    if not any(points.values()):
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    for key, (label, style) in series.items():
+        if points[key]:
+            ax.plot(*zip(*points[key]), style, label=label, lw=1, ms=3)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(run_dir) / "loss.png"
+    out = Path(run_dir) / f"{name}.png"
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """RUN_DIR/loss.png: training loss per step and validation loss at evaluation steps."""
+    series = {"loss": ("train loss", "-"), "val_loss": ("validation loss", "o-")}
+    return plot_series(run_dir, "loss", "step", series, "cross-entropy (nats/token)")

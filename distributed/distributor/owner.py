@@ -6,7 +6,7 @@ projection needs. Instead each rank owns whole parameters (`ownership.assign_own
 unchanged `optim/` rule on those only:
 
     1. gradients: each gradient is summed onto its owner only (`dist.reduce`), in buckets of one
-       owner's parameters; the engine's own all-reduce is off (`engine.build_engine`);
+       owner's parameters; the engine's own all-reduce is off (`OwnerDistributor.attach`);
     2. the owner alone clips (by the global norm, one scalar all-reduce) and runs the update for its
        parameters — state (projector, moments, 8-bit codes) exists only there, so optimizer memory per
        rank ≈ total / N, and non-owners drop their gradient copies;

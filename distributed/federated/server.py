@@ -41,7 +41,7 @@ from curvtrain.distributed.federated.partition import sample_clients
 from curvtrain.distributed.federated.pool import ActorPool
 from curvtrain.distributed.federated.store import ClientStateStore
 from curvtrain.distributed.federated.workload import build_workload
-from curvtrain.distributed.metrics import MetricsLogger, read_metrics, truncate_metrics
+from curvtrain.distributed.metrics import MetricsLogger, plot_series, truncate_metrics
 
 log = logging.getLogger("curvtrain.federated")
 
@@ -201,31 +201,10 @@ class FederatedServer:
 
 def plot_rounds(run_dir: Path) -> list[Path]:
     """RUN_DIR/loss.png (test and mean client training loss) and, for classification, accuracy.png, vs round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(run_dir)
-    out = []
-    for name, keys, ylabel in (("loss", ("test_loss", "train_loss"), "cross-entropy"), ("accuracy", ("test_accuracy",), "test accuracy")):
-        series = {k: [(r["round"], r[k]) for r in records if k in r] for k in keys}
-        if not any(series.values()):
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, points in series.items():
-            if points:
-                ax.plot(*zip(*points), "-" if key == "train_loss" else "o-", label=key.replace("_", " "), lw=1, ms=3)
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        ax.set_title(Path(run_dir).name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = Path(run_dir) / f"{name}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        out.append(path)
-    return out
+    loss = {"test_loss": ("test loss", "o-"), "train_loss": ("train loss", "-")}
+    paths = (plot_series(run_dir, "loss", "round", loss, "cross-entropy"),
+             plot_series(run_dir, "accuracy", "round", {"test_accuracy": ("test accuracy", "o-")}, "test accuracy"))
+    return [p for p in paths if p is not None]
 
 
 def object_store_bytes(model_bytes: int, num_actors: int) -> int:
