@@ -18,7 +18,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from curvtrain.distributed import checkpoint, placement
-from curvtrain.distributed.config import TrainConfig, save_config
+from curvtrain.distributed.config import TrainConfig, config_to_dict, save_config
+from curvtrain.distributed.health import Diverged
 from curvtrain.distributed.metrics import plot_losses, truncate_metrics
 from curvtrain.distributed.ownership import plan_for
 from curvtrain.distributed.trainer import build_model_and_optimizer
@@ -66,6 +67,8 @@ class WorkerGroup:
                 ray.get(done[0])  # raises at once if this worker failed; peers would hang in collectives
             except RayActorError as e:
                 raise WorkerLost(str(e).splitlines()[0]) from e
+            except Diverged as e:  # all ranks stopped at the same step; nothing non-finite was sealed
+                raise Diverged(str(e.cause)) from None
             except RayTaskError as e:  # an exception inside a worker; str(e) holds its frames
                 raise RunFailed(f"an exception in a worker; its traceback (most recent call last):\n{e}") from None
         return ray.get(refs[0])
@@ -96,6 +99,7 @@ class Coordinator:
 
     def check_checkpoint(self, ckpt: Path) -> None:
         manifest = checkpoint.validate(ckpt)
+        checkpoint.check_settings(ckpt, config_to_dict(self.cfg))  # the same model and optimizer settings
         sharded = manifest["zero_stage"] > 0 or self.cfg.owner_sharded
         if manifest["world_size"] != self.cfg.workers.num_workers and sharded:
             raise checkpoint.CheckpointError(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class MetricsLogger:
         self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(finite_or_none(record)) + "\n")  # NaN and inf as null: metrics.jsonl stays JSON
         for key, value in record.items():
             if key != self.step_key and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, record[self.step_key])
@@ -35,6 +36,11 @@ class MetricsLogger:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+def finite_or_none(record: dict) -> dict:
+    """A record with every non-finite float (a diverged loss) as None, written as JSON null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def peak_memory_bytes(device) -> int:
@@ -70,8 +76,8 @@ def plot_losses(run_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
