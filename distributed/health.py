@@ -11,6 +11,7 @@ its checkpoints): such steps are counted, and more than `run.max_skipped_steps` 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -43,9 +44,9 @@ class Health:
         """Fold step `step`'s loss (a device tensor) and its applied gradient norm into the verdict, on the device.
         A step DeepSpeed skipped for overflow is not divergence: it is counted in `engine.skipped_steps`."""
         bad = ~torch.isfinite(loss)
-        norm = engine.get_global_grad_norm()  # DeepSpeed's, where it computes one (ZeRO 1-3): a host float there
+        norm = engine.get_global_grad_norm()  # DeepSpeed's, where it computes one (ZeRO 1-3), else None
         if norm is not None and engine.was_step_applied():
-            bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=self.device))
+            bad = bad | (not math.isfinite(norm) if isinstance(norm, float) else ~torch.isfinite(norm))
         self.first_bad = torch.minimum(self.first_bad, torch.where(bad, step, NEVER))
 
     def problem(self, step: int, engine, *, weights: bool = False) -> str | None:
