@@ -5,8 +5,10 @@ Layout under RUN_DIR/checkpoints/:
     step_00000100/               one checkpoint ("tag")
         <DeepSpeed files>        model, optimizer (ZeRO shards), lr scheduler
         trainer_rank{r}.pt       step, tokens seen, RNG states of rank r
+        optimizer_rank{r}.pt     rank r's shard of the optimizer state (owner distributor only)
         config.yaml              the run's resolved config (so `export` needs only this folder)
-        manifest.json            every file's size and sha256, world size; written after all ranks saved
+        manifest.json            every file's size and sha256, world size, ZeRO stage, distributor; written
+                                 after all ranks saved
     LATEST                       the newest complete tag; replaced atomically after its manifest
 
 Sealing: each rank hashes the files it wrote (`writer_rank`) right after writing them, all ranks in
@@ -139,15 +141,17 @@ def hash_own_files(ckpt_dir: Path, rank: int) -> dict[str, dict]:
     }
 
 
-def write_manifest(ckpt_dir: Path, hashes: list[dict[str, dict]], *, step: int, world_size: int, zero_stage: int) -> None:
+def write_manifest(ckpt_dir: Path, hashes: list[dict[str, dict]], *, step: int, world_size: int, zero_stage: int,
+                   **fields) -> None:
     """Seal a checkpoint all ranks have finished writing, then point LATEST at it (rank 0 only).
-    `hashes`: each rank's `hash_own_files`; a file in none of them is hashed here."""
+    `hashes`: each rank's `hash_own_files`; a file in none of them is hashed here. `fields`: more plain
+    facts of the writer that a resume checks (pretraining: `distributor`)."""
     merged = {name: meta for own in hashes for name, meta in own.items()}
     files = {}
     for p in _files(ckpt_dir):
         name = str(p.relative_to(ckpt_dir))
         files[name] = merged[name] if name in merged else _entry(p)
-    manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, **fields, "files": files}
     write_text_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_text_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)
 

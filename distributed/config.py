@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from curvtrain.distributed.distributor import distributor_for
 from curvtrain.models.data import DataConfig
 from curvtrain.models.llama import LLAMA_CONFIGS
 from curvtrain.optim import OptimizerConfig, ScheduleConfig
@@ -49,11 +50,11 @@ class EngineConfig:
     """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
     precision: str = "fp32"
     """"fp32" or "bf16": bf16 weights and activations; fp32 master weights under ZeRO (DeepSpeed's bf16
-    optimizer), none for owner-sharded optimizers (fp32 state, stochastically rounded updates)."""
+    optimizer), none on the owner distributor (fp32 state, stochastically rounded updates)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     bucket_mb: float = 25.0
-    """Owner-sharded runs: size cap (MiB) of the buckets in which gradients travel to their owners and
+    """Owner-distributed runs: size cap (MiB) of the buckets in which gradients travel to their owners and
     updated weights come back (DDP's bucket_cap_mb); with per-layer updates, the unit of overlap with backward."""
 
     def __post_init__(self):
@@ -143,14 +144,7 @@ class TrainConfig:
                 f"run.eval_samples ({self.run.eval_samples}) must be ≥ batch.micro_batch_size × workers.num_workers "
                 f"({per_step}): every worker evaluates at least one micro-batch"
             )
-        if self.owner_sharded and self.engine.zero_stage != 0:
-            why = "optimizer.per_layer" if self.optimizer.per_layer else f"optimizer.name={self.optimizer.name} (needs whole blocks)"
-            raise ValueError(
-                f"{why} runs owner-sharded across workers and needs engine.zero_stage=0: ZeRO 1-3 hand the "
-                f"optimizer flat partitions (got engine.zero_stage={self.engine.zero_stage})"
-            )
-        if self.optimizer.per_layer and self.engine.grad_clip > 0:
-            raise ValueError("optimizer.per_layer frees each gradient inside backward, so there is no global norm to clip: set engine.grad_clip=0")
+        distributor_for(self).check_config(self)
         self.check_needs()
 
     def check_needs(self) -> None:
@@ -178,11 +172,6 @@ class TrainConfig:
                     f"{field}.method=autograd differentiates twice, which a torch.compile'd model does not support: "
                     f"set {field}.method=finite_difference or model.compile=false"
                 )
-
-    @property
-    def owner_sharded(self) -> bool:
-        """Whole parameters owned by ranks (distributed.sharded) instead of DeepSpeed ZeRO partitions."""
-        return self.optimizer.needs.whole_blocks or self.optimizer.per_layer
 
     @property
     def grad_accum(self) -> int:

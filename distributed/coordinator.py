@@ -21,8 +21,8 @@ from curvtrain.distributed import checkpoint, placement
 from curvtrain.distributed.config import TrainConfig, config_to_dict, save_config
 from curvtrain.distributed.health import Diverged
 from curvtrain.distributed.metrics import plot_losses, truncate_metrics
-from curvtrain.distributed.ownership import plan_for
-from curvtrain.distributed.trainer import build_model_and_optimizer
+from curvtrain.distributed.distributor import distributor_for
+from curvtrain.distributed.engine import build_model_and_optimizer
 from curvtrain.distributed.worker import TrainWorker
 from curvtrain.models.data import prepare_tokens
 
@@ -100,19 +100,7 @@ class Coordinator:
     def check_checkpoint(self, ckpt: Path) -> None:
         manifest = checkpoint.validate(ckpt)
         checkpoint.check_settings(ckpt, config_to_dict(self.cfg))  # the same model and optimizer settings
-        sharded = manifest["zero_stage"] > 0 or self.cfg.owner_sharded
-        if manifest["world_size"] != self.cfg.workers.num_workers and sharded:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {ckpt} was written by {manifest['world_size']} workers; resuming it needs "
-                f"workers.num_workers={manifest['world_size']} (its optimizer state is sharded per worker: "
-                f"ZeRO stage {manifest['zero_stage']}{', owner-sharded ' + self.cfg.optimizer.name if self.cfg.owner_sharded else ''}, "
-                f"and is not resharded)"
-            )
-        if manifest["zero_stage"] != self.cfg.engine.zero_stage:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {ckpt} was written with ZeRO stage {manifest['zero_stage']}, this run uses "
-                f"engine.zero_stage={self.cfg.engine.zero_stage}"
-            )
+        distributor_for(self.cfg).check_checkpoint(manifest, ckpt, self.cfg)
 
     def run(self) -> dict:
         resume_from = self.resume_from if self.checked else self.check()
@@ -144,8 +132,7 @@ class Coordinator:
         return summary
 
     def ownership_plan(self) -> dict[str, int] | None:
-        """Which rank owns which parameter, for owner-sharded optimizers (planned on a meta-device model)."""
-        if not self.cfg.owner_sharded:
-            return None
-        model, optimizer = build_model_and_optimizer(self.cfg, torch.device("meta"))
-        return plan_for(model, optimizer, self.cfg.workers.num_workers)
+        """Which rank owns which parameter, where the distributor has owners (planned on a meta-device model,
+        which also builds the optimizer: bad ranks or targets fail here, before any worker starts)."""
+        model, rule = build_model_and_optimizer(self.cfg, torch.device("meta"))
+        return distributor_for(self.cfg).plan(model, rule, self.cfg)

@@ -1,4 +1,4 @@
-"""DeepSpeed engine wiring: our model + an `optim/` optimizer + the schedule → a DeepSpeed engine."""
+"""DeepSpeed engine wiring: our model and an `optim/` rule → a distributor around the rule → a DeepSpeed engine."""
 from __future__ import annotations
 
 import logging
@@ -7,28 +7,9 @@ from collections.abc import Callable
 import torch
 
 from curvtrain.distributed.config import TrainConfig
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    """The DeepSpeed JSON config for this run (batch geometry, ZeRO stage, precision, clipping)."""
-    zero: dict = {"stage": cfg.engine.zero_stage}
-    if cfg.engine.zero_stage == 3:
-        # Partition every parameter, norms included: the same layout at every model size.
-        zero["stage3_param_persistence_threshold"] = 0
-    return {
-        "train_batch_size": cfg.batch.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        # Owner-sharded: each gradient reaches only its owner, and the owners clip by the global norm.
-        "gradient_clipping": 0.0 if cfg.owner_sharded else cfg.engine.grad_clip,
-        "zero_optimization": zero,
-        # Owner-sharded optimizers get a bf16 model instead: DeepSpeed's bf16 optimizer flattens parameters.
-        "bf16": {"enabled": cfg.engine.precision == "bf16" and not cfg.owner_sharded},
-        # Our optimizers are plain torch.optim.Optimizer subclasses that DeepSpeed wraps as client optimizers.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+from curvtrain.distributed.distributor import Distributor, distributor_for
+from curvtrain.models.llama import LlamaForCausalLM, build_llama, llama_config
+from curvtrain.optim import build_optimizer
 
 
 def param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -45,18 +26,34 @@ def zero3_partitioner(cfg: TrainConfig) -> Callable[[torch.nn.Module], None] | N
         return None
     import deepspeed
 
-    config, dtype = deepspeed_config(cfg), param_dtype(cfg)
+    config, dtype = distributor_for(cfg).engine_config(cfg), param_dtype(cfg)
     return lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=dtype)
 
 
-def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig):
-    """deepspeed.initialize around a client optimizer and LR scheduler (stepped at each optimizer step)."""
+def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
+    """The model materialized on `device` in the run's dtype, and the registry's optimizer over it.
+
+    The weights are those of `LlamaForCausalLM` built in float32 after the global seed, cast to the run's dtype
+    (`build_llama`), but no float32 copy of the model is ever held: bf16 runs hold bf16 weights (owner-distributed
+    ones train them as they are, GaLore's recipe; DeepSpeed's bf16 keeps its own fp32 master partitions), and
+    under ZeRO-3 each rank keeps only its partition of each parameter from the moment it is drawn. On the meta
+    device nothing is drawn (the coordinator plans block ownership there).
+    """
+    place = zero3_partitioner(cfg) if device.type != "meta" else None
+    model = build_llama(llama_config(cfg.model.name), dtype=param_dtype(cfg), device=device, place=place)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    return model, build_optimizer(cfg.optimizer, model.named_parameters())
+
+
+def build_engine(model: torch.nn.Module, distributor: Distributor, scheduler, cfg: TrainConfig):
+    """deepspeed.initialize around the distributor's client optimizer and the LR scheduler (stepped at each
+    optimizer step), in the DeepSpeed config the distributor asks for."""
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model, optimizer=distributor.client_optimizer, lr_scheduler=scheduler,
+        config=distributor_for(cfg).engine_config(cfg),
     )
-    if cfg.owner_sharded:
-        engine.enable_backward_allreduce = False  # each gradient is reduced to its owner only (distributed.sharded)
+    distributor.attach(engine)
     return engine

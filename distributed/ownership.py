@@ -31,14 +31,14 @@ def assign_owners(costs: dict[str, int], world_size: int) -> dict[str, int]:
     return owners
 
 
-def state_costs(optimizer: torch.optim.Optimizer, names: dict[torch.Tensor, str]) -> dict[str, int]:
-    """Elements of optimizer state per parameter name: the optimizer's own `state_numel(p, group)` when
-    it has one, else Adam's two moments."""
-    cost = getattr(optimizer, "state_numel", lambda p, group: 2 * p.numel())
-    return {names[p]: cost(p, group) for group in optimizer.param_groups for p in group["params"]}
+def state_costs(optimizer: torch.optim.Optimizer, names: dict[torch.Tensor, str], *, own_cost: bool) -> dict[str, int]:
+    """Cost of each parameter's block by name: the optimizer's `state_numel(p, group)` where its registry
+    entry declares one (`Needs.state_cost`), else the parameter's size."""
+    return {names[p]: optimizer.state_numel(p, group) if own_cost else p.numel()
+            for group in optimizer.param_groups for p in group["params"]}
 
 
-def plan_for(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int) -> dict[str, int]:
+def plan_for(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int, *, own_cost: bool) -> dict[str, int]:
     """The ownership plan of `optimizer` over `model`'s parameters (works on a meta-device model)."""
     names = {p: n for n, p in model.named_parameters()}
-    return assign_owners(state_costs(optimizer, names), world_size)
+    return assign_owners(state_costs(optimizer, names, own_cost=own_cost), world_size)

@@ -2,9 +2,10 @@
 
 Runs inside a process whose process group is already initialized (see `distributed.worker`).
 `train_step` reads as named steps: a curvature estimate when the optimizer says one is due,
-micro-batches of forward/backward, the engine's optimizer step at the accumulation boundary. The
-loss stays on the device between log intervals (no host sync in the hot loop); logging, evaluation
-and checkpoints are gated by their intervals.
+micro-batches of forward/backward, the engine's optimizer step at the accumulation boundary, where
+the distributor (chosen once, `distributed.distributor`) reduces, updates and returns. The loss stays
+on the device between log intervals (no host sync in the hot loop); logging, evaluation (`Validator`)
+and checkpoints (`Checkpointer`) are gated by their intervals.
 """
 from __future__ import annotations
 
@@ -18,99 +19,80 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from curvtrain.distributed import checkpoint
-from curvtrain.distributed.config import TrainConfig, save_config
-from curvtrain.distributed.engine import build_engine, param_dtype, zero3_partitioner
+from curvtrain.distributed.checkpointer import Checkpointer
+from curvtrain.distributed.config import TrainConfig
+from curvtrain.distributed.distributor import StepClosure, build_distributor
+from curvtrain.distributed.engine import build_engine, build_model_and_optimizer
 from curvtrain.distributed.health import Diverged, Health
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
-from curvtrain.distributed.sharded import OwnerShardedOptimizer
+from curvtrain.distributed.validator import Validator
 from curvtrain.models.data import TokenData
-from curvtrain.models.llama import LlamaForCausalLM, build_llama, causal_lm_loss, llama_config
-from curvtrain.optim import attach_per_layer_step, build_optimizer, warmup_cosine
+from curvtrain.models.llama import causal_lm_loss
+from curvtrain.optim import warmup_cosine
 from curvtrain.optim.curvature import gnb_diag, hutchinson_diag
-
-
-def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[LlamaForCausalLM, torch.optim.Optimizer]:
-    """The model materialized on `device` in the run's dtype, and the registry's optimizer over it.
-
-    The weights are those of `LlamaForCausalLM` built in float32 after the global seed, cast to the run's dtype
-    (`build_llama`), but no float32 copy of the model is ever held: bf16 runs hold bf16 weights (owner-sharded
-    ones train them as they are, GaLore's recipe; DeepSpeed's bf16 keeps its own fp32 master partitions), and
-    under ZeRO-3 each rank keeps only its partition of each parameter from the moment it is drawn. On the meta
-    device nothing is drawn (the coordinator plans block ownership there).
-    """
-    place = zero3_partitioner(cfg) if device.type != "meta" else None
-    model = build_llama(llama_config(cfg.model.name), dtype=param_dtype(cfg), device=device, place=place)
-    model.gradient_checkpointing = cfg.model.gradient_checkpointing
-    return model, build_optimizer(cfg.optimizer, model.named_parameters())
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, device: torch.device, owners: dict[str, int] | None = None):
-        self.cfg, self.run_dir, self.device, self.owners = cfg, Path(run_dir), device, owners
+        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.step = 0  # optimizer steps completed
         self.tokens = 0  # training tokens consumed by all workers
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model, optimizer = build_model_and_optimizer(cfg, device)
-        self.rule = optimizer  # the update rule itself, unwrapped: its metrics
+        model, self.rule = build_model_and_optimizer(cfg, device)  # the update rule itself (optim/)
         self.needs = cfg.optimizer.needs  # what it asks of this loop (optim.registry.Needs)
-        if cfg.owner_sharded:
-            names = {p: n for n, p in model.named_parameters()}
-            optimizer = OwnerShardedOptimizer(optimizer, owners, names, per_layer=cfg.optimizer.per_layer,
-                                              max_grad_norm=cfg.engine.grad_clip,
-                                              bucket_bytes=int(cfg.engine.bucket_mb * 2**20))
-            if cfg.optimizer.per_layer:
-                attach_per_layer_step(model, optimizer, accumulation_steps=cfg.grad_accum)
         if cfg.model.compile:
             model.compile()  # in place: parameter names stay HF-compatible for checkpoints and export
-        self.optimizer = optimizer
-        self.engine = build_engine(model, optimizer, warmup_cosine(optimizer, cfg.schedule), cfg)
+        self.distributor = build_distributor(cfg, model, self.rule, owners)
+        self.engine = build_engine(model, self.distributor, warmup_cosine(self.distributor.client_optimizer, cfg.schedule), cfg)
         self.data = TokenData.from_config(cfg.data)  # a cache hit: the coordinator prepared the tokens
+        self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.distributor)
+        self.validator = Validator(cfg, self.engine, self.data, device)
         self.logger: MetricsLogger | None = None  # opened by fit(), at the step it starts from
         self.health = Health(cfg.run.max_skipped_steps, device)  # non-finite loss/weights, skipped steps
 
-    # ---- state (everything a resume needs besides the engine) ----
+    # ---- state (everything a resume needs besides the engine and the optimizer) ----
     def state_dict(self) -> dict:
-        state = {"step": self.step, "tokens": self.tokens, "rng": torch.get_rng_state(), "owners": self.owners}
+        state = {"step": self.step, "tokens": self.tokens, "rng": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state["owners"] != self.owners:
-            raise checkpoint.CheckpointError(
-                "the checkpoint's block ownership differs from this run's (different worker count or optimizer "
-                "targets): owner-sharded optimizer state cannot be resharded"
-            )
         self.step, self.tokens = state["step"], state["tokens"]
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
 
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.step, self.state_dict())
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        self.load_state_dict(self.checkpointer.load(ckpt))
+
     # ---- the step ----
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch; returns this rank's mean micro-batch loss (on device)."""
-        cfg = self.cfg
+        accum = self.cfg.grad_accum
         estimated: list[torch.Tensor] = []  # losses of the micro-batches whose gradient the estimate pass took
         if self.needs.estimate is not None and self.needs.estimate.due(self.step):
             estimated = self.estimate_curvature()
-        if self.needs.closure:
-            self.optimizer.closure = self.batch_closure()
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
+        for micro in range(accum):
             if micro < len(estimated):
                 loss = estimated[micro]  # its gradient is in p.grad already
             else:
                 inputs, targets = self.micro_batch(micro)
                 loss = self.engine(inputs, targets)
-                self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum and reduces at the boundary
-            self.engine.step()  # optimizer + LR step only at the accumulation boundary
+                self.engine.backward(loss)  # DeepSpeed scales by 1/grad_accum; the distributor reduces at the boundary
             loss_sum += loss.detach().float()
+            if micro == accum - 1 and self.needs.closure:
+                self.distributor.closure = StepClosure(self.local_batch_closure(), loss_sum / accum)
+            self.engine.step()  # optimizer + LR step only at the accumulation boundary
         self.step += 1
-        self.tokens += cfg.batch.global_batch_size * cfg.data.seq_len
-        return loss_sum / cfg.grad_accum
+        self.tokens += self.cfg.batch.global_batch_size * self.cfg.data.seq_len
+        return loss_sum / accum
 
     def micro_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of this rank's micro-batch `micro` of the current step, on the device."""
@@ -122,7 +104,7 @@ class Trainer:
         """The optimizer's curvature estimate (registry `Estimate`) on this step's first micro-batches,
         taken on engine.module through torch.autograd.grad, so that neither DeepSpeed's gradient buffers
         nor per-layer hooks see it; the mean over all workers' micro-batches is reduced to each block's
-        owner and folded into the optimizer's state there. Each micro-batch draws its labels (GNB) or
+        owner by the distributor and handed to the rule there (`update_hessian(estimates)`). Each micro-batch draws its labels (GNB) or
         Rademacher vectors (Hutchinson) from a generator seeded by (seed, step, global micro-batch), so
         the estimate does not depend on which worker computes it.
 
@@ -154,17 +136,16 @@ class Trainer:
                     diag = hutchinson_diag(lambda: train_loss(module(inputs, targets), targets, micro), params,
                                            method=est.method, generator=generator, grad_out=grads)
             total = diag if total is None else [t.add_(d) for t, d in zip(total, diag)]
-        self.optimizer.reduce_estimates_to_owners(params, total, scale=1 / (count * self.world_size))
-        self.optimizer.update_hessian()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.rule.update_hessian(self.distributor.reduce_estimates(params, total, scale=1 / (count * self.world_size)))
         for p, g in zip(params, grads):
             p.grad = g.div_(accum)
         return losses
 
-    def batch_closure(self) -> Callable[[], torch.Tensor]:
-        """A closure for optimizers that re-evaluate the step's batch (registry `closure`): the mean loss
-        of the step's global batch at the current weights, and its mean gradient in every p.grad, on every
-        rank (taken through torch.autograd.grad on engine.module, reduced with all-reduce)."""
+    def local_batch_closure(self) -> Callable[[], torch.Tensor]:
+        """For rules that re-evaluate the step's batch (registry `closure`): this rank's mean loss over its
+        micro-batches of the step at the current weights, their gradients (scaled as engine.backward
+        scales them) left in p.grad, taken through torch.autograd.grad on engine.module; the distributor
+        reduces them (`StepClosure`)."""
         module, accum = self.engine.module, self.cfg.grad_accum
         params = [p for p in module.parameters() if p.requires_grad]
         batches = [self.micro_batch(micro) for micro in range(accum)]
@@ -178,81 +159,27 @@ class Trainer:
                         g.add_(d)
                     loss_sum += loss.detach().float()
             for p, g in zip(params, grads):
-                dist.all_reduce(g)
-                p.grad = g.div_(self.world_size)
-            dist.all_reduce(loss_sum)
-            return loss_sum / self.world_size
+                p.grad = g
+            return loss_sum
 
         return closure
 
     def optimizer_metrics(self) -> dict[str, float]:
-        """The update rule's own statistics (Sophia's win rate, GNS's γ): its (numerator, denominator)
-        sums of this rank's blocks added up over all ranks."""
-        if not hasattr(self.rule, "metrics"):
+        """The update rule's own statistics (registry `metrics`: Sophia's win rate, GNS's γ): its
+        (numerator, denominator) sums of this rank's blocks, added up over all ranks in one all-reduce."""
+        if not self.needs.metrics:
             return {}
-        out = {}
-        for name, (num, den) in self.rule.metrics().items():
-            pair = torch.stack([num, den]).to(self.device, torch.float64)
-            dist.all_reduce(pair)
-            out[name] = (pair[0] / pair[1]).item()
-        return out
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss over the first run.eval_samples held-out sequences, all ranks together."""
-        self.engine.eval()
-        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for inputs, targets in self.data.val_batches(
-            self.cfg.batch.micro_batch_size, self.rank, self.world_size, self.cfg.run.eval_samples
-        ):
-            loss = self.engine(inputs.to(self.device), targets.to(self.device))
-            totals += torch.stack([loss.double() * targets.numel(), torch.tensor(float(targets.numel()), device=self.device, dtype=torch.float64)])
-        dist.all_reduce(totals)
-        self.engine.train()
-        return (totals[0] / totals[1]).item()
+        metrics = self.rule.metrics()
+        if not metrics:
+            return {}
+        pairs = torch.stack([torch.stack([num, den]).to(self.device, torch.float64) for num, den in metrics.values()])
+        dist.all_reduce(pairs)
+        return dict(zip(metrics, (pairs[:, 0] / pairs[:, 1]).tolist()))
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         value = value.detach().clone()
         dist.all_reduce(value)
         return value.item() / self.world_size
-
-    # ---- checkpoints ----
-    def save_checkpoint(self) -> Path:
-        ckpt = self.run_dir / "checkpoints" / checkpoint.tag_for(self.step)
-        self.write_checkpoint(ckpt)
-        self.seal_checkpoint(ckpt)
-        return ckpt
-
-    def write_checkpoint(self, ckpt: Path) -> None:
-        """This rank's files of checkpoint folder `ckpt` (`checkpoint.writer_rank` names the writer)."""
-        self.engine.save_checkpoint(str(ckpt.parent), tag=ckpt.name, save_latest=False)
-        torch.save(self.state_dict(), ckpt / f"trainer_rank{self.rank}.pt")
-        if self.cfg.owner_sharded:  # DeepSpeed (ZeRO 0) saves rank 0's optimizer only; each rank owns a shard
-            torch.save(self.optimizer.state_dict(), ckpt / f"optimizer_rank{self.rank}.pt")
-        if self.rank == 0:
-            save_config(self.cfg, ckpt / "config.yaml")
-
-    def seal_checkpoint(self, ckpt: Path) -> None:
-        """Each rank hashes the files it just wrote, all in parallel; rank 0 gathers the hashes, writes
-        the manifest and LATEST, and prunes old checkpoints."""
-        own = checkpoint.hash_own_files(ckpt, self.rank)
-        hashes = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(own, hashes, dst=0)  # also: every rank's files are on disk
-        if self.rank == 0:
-            checkpoint.write_manifest(ckpt, hashes, step=self.step, world_size=self.world_size, zero_stage=self.cfg.engine.zero_stage)
-            checkpoint.prune(ckpt.parent, self.cfg.run.keep_checkpoints)
-        dist.barrier()
-
-    def load_checkpoint(self, ckpt_dir: Path) -> None:
-        ckpt_dir = Path(ckpt_dir)
-        sharded = self.cfg.owner_sharded
-        with checkpoint.weights_only_loading():  # DeepSpeed's loader too: nothing in a checkpoint is unpickled
-            path, _ = self.engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=not sharded)
-            if path is None:
-                raise checkpoint.CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
-            self.load_state_dict(torch.load(ckpt_dir / f"trainer_rank{self.rank}.pt", weights_only=True))
-            if sharded:
-                self.optimizer.load_state_dict(torch.load(ckpt_dir / f"optimizer_rank{self.rank}.pt", weights_only=True))
 
     # ---- the loop ----
     def fit(self) -> dict:
@@ -285,7 +212,7 @@ class Trainer:
                     self.logger.close()
                 raise Diverged(problem)
             if self.step % run.eval_interval == 0 or last:
-                val_loss = self.evaluate()
+                val_loss = self.validator.evaluate()
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             if len(record) > 1:
                 summary.update(record)

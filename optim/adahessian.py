@@ -6,7 +6,7 @@ Hutchinson Hessian diagonal in place of the squared gradient.
     every step:        m ← β₁ m + (1 − β₁) g,      v ← β₂ v + (1 − β₂) D²
                        θ ← θ − lr · ( m̂ / ((√v̂)^k + ε) + wd · θ ),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ), k = hessian_power
 
-ĥ = u ⊙ (H u) is left in `.grad` by the estimator pass (`optim.curvature.hutchinson_diag`). The
+ĥ = u ⊙ (H u) comes from the estimator pass (`optim.curvature.hutchinson_diag`) through `update_hessian`. The
 official code estimates D at every step; with an estimate every k steps the last D is reused. The
 official weight decay is lr/(1−β₁ᵗ) · wd · θ (inside its bias-corrected step size); here it is the
 paper's lr · wd · θ. With D = |g| this is exactly Adam.
@@ -20,12 +20,12 @@ from torch import Tensor
 
 from .curvature import block_average
 from .rounding import write_weight_
-from .state import ParamwiseOptimizer, state_dtype
+from .state import CurvatureOptimizer, check_betas, state_dtype
 
 
-class AdaHessian(ParamwiseOptimizer):
-    """AdaHessian (module docstring). Call `update_hessian()` with a Hutchinson estimate in `.grad`
-    before the first `step()` and then whenever a new estimate is due."""
+class AdaHessian(CurvatureOptimizer):
+    """AdaHessian (module docstring). Call `update_hessian(estimates)` with Hutchinson estimates before
+    the first `step()` and then whenever a new estimate is due."""
 
     def __init__(
         self,
@@ -39,8 +39,7 @@ class AdaHessian(ParamwiseOptimizer):
     ):
         if not lr >= 0 or eps < 0 or weight_decay < 0 or not 0 < hessian_power <= 1:
             raise ValueError(f"need lr ≥ 0, eps ≥ 0, weight_decay ≥ 0, 0 < hessian_power ≤ 1; got {lr}, {eps}, {weight_decay}, {hessian_power}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        check_betas(betas)
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -58,21 +57,17 @@ class AdaHessian(ParamwiseOptimizer):
             )
         return state
 
-    @torch.no_grad()
-    def update_hessian(self) -> None:
-        """D ← block average of |ĥ| for every parameter whose `.grad` holds the estimate ĥ."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    d = self._state(p)["hessian_diag"]
-                    d.copy_(block_average(p.grad.to(d.dtype).abs(), group["block_size"]))
+    def fold_estimate(self, p: Tensor, group: dict, estimate: Tensor) -> None:
+        """D ← block average of |ĥ|."""
+        d = self._state(p)["hessian_diag"]
+        d.copy_(block_average(estimate.to(d.dtype).abs(), group["block_size"]))
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
         """The update of one parameter of `group` from p.grad and its last Hessian diagonal D."""
         state = self.state[p]
         if not state:
-            raise RuntimeError("AdaHessian.step before any update_hessian(): there is no Hessian estimate yet")
+            raise RuntimeError("AdaHessian.step before any update_hessian(estimates): there is no Hessian estimate yet")
         state["step"] += 1
         step = int(state["step"])
         (beta1, beta2), k = group["betas"], group["hessian_power"]

@@ -23,7 +23,7 @@ from torch.nn import Parameter
 
 from .quantize import BLOCK_SIZE, CHUNK, dequantize_blockwise, quantize_blockwise, zeros_blockwise
 from .rounding import write_weight_
-from .state import ParamwiseOptimizer, state_dtype
+from .state import ParamwiseOptimizer, check_betas, state_dtype
 
 # Tensors smaller than this keep full-precision moments under eight_bit (bitsandbytes' min_8bit_size):
 # norm gains are small and sensitive.
@@ -120,8 +120,7 @@ class AdamW(ParamwiseOptimizer):
     ):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        if not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, eight_bit=eight_bit))
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from .adamw import AdamW, adam_direction, decay_groups, moments_direction, zero_moments
-from .projector import METHODS, choose_side, lowrank_shapes, project, project_back, refresh_basis
+from .projector import METHODS, SIDES, choose_side, lowrank_shapes, project, project_back, refresh_basis
 from .rounding import write_weight_
 from .state import state_dtype
 
@@ -70,25 +70,36 @@ def _row_norms(x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=dtype)
 
 
-def _check_lowrank_group(group: dict) -> None:
-    rank = group["rank"]
+def is_lowrank(group: dict) -> bool:
+    """Whether a param group is projected (GaLore's convention: it sets `rank`)."""
+    return "rank" in group
+
+
+def check_lowrank_options(*, rank, update_gap, scale, proj_side, power_iters, proj_method, **_) -> None:
+    """The one check of a low-rank group's options (LOWRANK_DEFAULTS names them); shapes are checked per
+    parameter by `_check_lowrank_group`."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if not isinstance(group["update_gap"], int) or group["update_gap"] <= 0:
-        raise ValueError(f"update_gap must be a positive int, got {group['update_gap']!r}")
-    if not group["scale"] > 0:
-        raise ValueError(f"scale must be > 0, got {group['scale']!r}")
-    if not isinstance(group["power_iters"], int) or group["power_iters"] < 0:
-        raise ValueError(f"power_iters must be a non-negative int, got {group['power_iters']!r}")
-    if group["proj_method"] not in METHODS:
-        raise ValueError(f"proj_method must be one of {METHODS}, got {group['proj_method']!r}")
+    if not isinstance(update_gap, int) or update_gap <= 0:
+        raise ValueError(f"update_gap must be a positive int, got {update_gap!r}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale!r}")
+    if proj_side not in ("auto", *SIDES):
+        raise ValueError(f"proj_side must be 'auto', 'left' or 'right', got {proj_side!r}")
+    if not isinstance(power_iters, int) or power_iters < 0:
+        raise ValueError(f"power_iters must be a non-negative int, got {power_iters!r}")
+    if proj_method not in METHODS:
+        raise ValueError(f"proj_method must be one of {METHODS}, got {proj_method!r}")
+
+
+def _check_lowrank_group(group: dict) -> None:
+    check_lowrank_options(**group)
     for p in group["params"]:
         if p.dim() != 2:
             raise ValueError(f"a group with rank needs 2-D parameters, got one of shape {tuple(p.shape)}")
-        choose_side(p.shape, group["proj_side"])  # raises on a bad proj_side
-        if rank >= min(p.shape):
+        if group["rank"] >= min(p.shape):
             raise ValueError(
-                f"rank {rank} must be < min(m, n) = {min(p.shape)} for parameter of shape {tuple(p.shape)}"
+                f"rank {group['rank']} must be < min(m, n) = {min(p.shape)} for parameter of shape {tuple(p.shape)}"
             )
 
 
@@ -103,21 +114,21 @@ class GradNormLoRP(AdamW):
     """
 
     def add_param_group(self, param_group: dict) -> None:
-        if "rank" in param_group:
+        if is_lowrank(param_group):
             param_group = {**LOWRANK_DEFAULTS, **param_group}
         super().add_param_group(param_group)
-        if "rank" in param_group:
+        if is_lowrank(param_group):
             _check_lowrank_group(self.param_groups[-1])
 
     def state_numel(self, p: Tensor, group: dict) -> int:
         """Elements of state `step_param` creates for p: the cost model of block ownership."""
-        if "rank" not in group:
+        if not is_lowrank(group):
             return super().state_numel(p, group)
         basis, low = lowrank_shapes(p.shape, group["rank"], choose_side(p.shape, group["proj_side"]))
         return basis.numel() + 2 * low.numel() + 4 * p.shape[0]
 
     def _init_state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
-        if "rank" not in group:
+        if not is_lowrank(group):
             return super()._init_state(p, group)
         state = {"step": torch.tensor(0, dtype=torch.int64)}
         dtype = state_dtype(p)
@@ -139,7 +150,7 @@ class GradNormLoRP(AdamW):
         return state | zero_moments(low_shape, dtype, p.device, group["eight_bit"])
 
     def _update(self, p: Tensor, group: dict, state: dict) -> None:
-        if "rank" in group:
+        if is_lowrank(group):
             self._lowrank_step(p, group, state)
         else:
             super()._update(p, group, state)
@@ -183,15 +194,11 @@ def lowrank_param_groups(
     *,
     targets: str,
     rank: int,
-    update_gap: int,
-    scale: float,
-    proj_side: str = "auto",
-    power_iters: int = 1,
-    proj_method: str = "range_finder",
     weight_decay: float = 0.0,
+    **options,
 ) -> list[dict]:
     """Param groups: trainable parameters whose name matches the regex `targets` (re.search; must be
-    2-D) with the low-rank options and `weight_decay`, then all other trainable parameters (plain AdamW)
+    2-D) with `rank`, the low-rank `options` (LOWRANK_DEFAULTS where not given) and `weight_decay`, then all other trainable parameters (plain AdamW)
     split by the weight decay rule of every optimizer here (`adamw.decay_groups`: matrices decayed,
     norm gains not). The trainer's rule is LLAMA_TARGETS."""
     lowrank, plain = [], []
@@ -207,7 +214,6 @@ def lowrank_param_groups(
     if not lowrank:
         raise ValueError(f"the low-rank target rule {targets!r} matches no trainable parameter")
     groups = [
-        dict(params=lowrank, rank=rank, update_gap=update_gap, scale=scale, proj_side=proj_side,
-             power_iters=power_iters, proj_method=proj_method, weight_decay=weight_decay)
+        dict(params=lowrank, rank=rank, **{**LOWRANK_DEFAULTS, **options}, weight_decay=weight_decay)
     ]
     return groups + decay_groups(plain, weight_decay)

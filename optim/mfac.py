@@ -20,9 +20,11 @@ damping="gns": λ = ‖g‖ / γ and a trial step x⁺ = x − lr · F_λ⁻¹ g
     f(x) − f(x⁺) ≥ ‖∇f(x⁺)‖² / (8 λ)     (then γ ← 2γ)      else γ ← γ/2 and retry from x,
 
 up to GNS_MAX_TRIES trials (after which x is kept). `step(closure)` needs a closure that re-evaluates
-the loss and the gradients (into `.grad`) on the same batch; it is called once at x, then once per
-trial. The paper's method is lr = 1. Norms are over all parameters of the optimizer; a distributor
-that shards the parameters sets `reduce_sum` to add the per-shard sums up.
+the loss and the gradients (into `.grad`) on the same batch; it is called once per trial, and once at x
+first unless the caller passes `start` = (f(x), ‖∇f(x)‖²) with ∇f(x) already in `.grad` (a training loop
+that has just run that pass). The closure returns f, or (f, ‖∇f‖²) where the norm is not this
+optimizer's alone (a distributor that shards the parameters adds the shards' sums up); otherwise the
+norm is over this optimizer's parameters. The paper's method is lr = 1.
 """
 from __future__ import annotations
 
@@ -38,6 +40,24 @@ GNS_GAMMA0 = 1.0
 """γ before the first step (λ = ‖g‖ at the first trial)."""
 GNS_MAX_TRIES = 10
 """Trials per step before giving up and keeping x (γ has been halved this many times)."""
+
+
+def check_options(*, window: int, damping: float | str, momentum: float, block_size: int, weight_decay: float = 0.0) -> None:
+    """The one check of M-FAC's options, GNS's rule included: damping="gns" takes the paper's plain step
+    (no momentum, no weight decay)."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int ≥ 1, got {window!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int ≥ 1, got {block_size!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay}")
+    if damping == "gns":
+        if momentum or weight_decay:
+            raise ValueError("damping=gns takes the paper's plain step: momentum and weight_decay must be 0")
+    elif isinstance(damping, str) or not damping > 0:
+        raise ValueError(f"damping must be > 0 or 'gns', got {damping!r}")
 
 
 def _blocks(numel: int, block_size: int) -> tuple[int, int]:
@@ -59,21 +79,11 @@ class MFAC(ParamwiseOptimizer):
         weight_decay: float = 0.0,
         block_size: int = 16384,
     ):
-        if not lr >= 0 or weight_decay < 0 or not 0 <= momentum < 1:
-            raise ValueError(f"need lr ≥ 0, weight_decay ≥ 0, 0 ≤ momentum < 1; got {lr}, {weight_decay}, {momentum}")
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int ≥ 1, got {window!r}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int ≥ 1, got {block_size!r}")
-        if damping == "gns":
-            if momentum or weight_decay:
-                raise ValueError("damping='gns' takes the paper's plain step: momentum and weight_decay must be 0")
-        elif isinstance(damping, str) or not damping > 0:
-            raise ValueError(f"damping must be > 0 or 'gns', got {damping!r}")
+        if not lr >= 0:
+            raise ValueError(f"lr must be ≥ 0, got {lr}")
+        check_options(window=window, damping=damping, momentum=momentum, weight_decay=weight_decay, block_size=block_size)
         super().__init__(params, dict(lr=lr, window=window, damping=damping, momentum=momentum,
                                       weight_decay=weight_decay, block_size=block_size))
-        self.reduce_sum: Callable[[Tensor], Tensor] = lambda t: t
-        """Sum of a per-shard partial sum over all shards (identity unless a distributor shards the parameters)."""
 
     @property
     def gns(self) -> bool:
@@ -154,41 +164,48 @@ class MFAC(ParamwiseOptimizer):
         write_weight_(p, w.add_(direction, alpha=-group["lr"]))  # stochastic rounding into bf16 weights
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor | tuple[Tensor, Tensor]] | None = None,
+             start: tuple[Tensor, Tensor] | None = None) -> Tensor | None:
+        """A step; with damping="gns" the acceptance rule's (module docstring), else a plain step of the
+        fixed damping. `start`: (f(x), ‖∇f(x)‖²) when `.grad` already holds ∇f(x)."""
         if self.gns:
             if closure is None:
                 raise RuntimeError("MFAC with damping='gns' needs step(closure): the acceptance rule re-evaluates the loss")
-            return self._gns_step(closure)
+            return self._gns_step(closure, start)
         return super().step(closure)
 
-    def _grad_norm_sq(self, params: list[tuple[Tensor, dict]]) -> Tensor:
-        local = sum((p.grad.double().square().sum() for p, _ in params), torch.zeros((), dtype=torch.float64))
-        return self.reduce_sum(local)
-
-    def _gns_step(self, closure: Callable[[], Tensor]) -> Tensor:
+    def _evaluate(self, closure, params: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor]:
+        """(f, ‖∇f‖²) at the current weights, from `closure` (module docstring)."""
         with torch.enable_grad():
-            loss = closure()
-        params = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+            result = closure()
+        if isinstance(result, tuple):
+            return result
+        norm_sq = sum((p.grad.double().square().sum() for p, _ in params if p.grad is not None), torch.zeros((), dtype=torch.float64))
+        return result, norm_sq
+
+    def _gns_step(self, closure, start: tuple[Tensor, Tensor] | None) -> Tensor:
+        params = [(p, group) for group in self.param_groups for p in group["params"]]
+        loss, grad_norm_sq = start if start is not None else self._evaluate(closure, params)
+        params = [(p, group) for p, group in params if p.grad is not None]
         grads = []
         for p, group in params:
             state = self._state(p, group)
             state["step"] += 1
             grads.append(self._gradient_blocks(p, group, state))
             self._push(state, grads[-1])
-        grad_norm = self._grad_norm_sq(params).sqrt()
+        grad_norm = grad_norm_sq.sqrt()
         gamma = self.state["gns"].setdefault("gamma", torch.tensor(GNS_GAMMA0, dtype=torch.float64))
-        start = [p.detach().clone() for p, _ in params]
+        start_weights = [p.detach().clone() for p, _ in params]
         for _ in range(GNS_MAX_TRIES):
             damping = float(grad_norm / gamma)
-            for (p, group), g, x in zip(params, grads, start):
+            for (p, group), g, x in zip(params, grads, start_weights):
                 p.copy_(x).add_(self._direction(p, self.state[p], g, group, damping).to(p.dtype), alpha=-group["lr"])
-            with torch.enable_grad():
-                trial = closure()
-            if float(loss) - float(trial) >= float(self._grad_norm_sq(params)) / (8 * damping):
+            trial, trial_norm_sq = self._evaluate(closure, params)
+            if float(loss) - float(trial) >= float(trial_norm_sq) / (8 * damping):
                 gamma.mul_(2)
                 return loss
             gamma.div_(2)
-        for (p, _), x in zip(params, start):
+        for (p, _), x in zip(params, start_weights):
             p.copy_(x)
         return loss
 

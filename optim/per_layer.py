@@ -2,9 +2,10 @@
 gradient is accumulated, and the gradient is freed at once, so the gradients of the whole model never
 exist together (the memory trick behind GaLore's LLaMA-7B on a 24 GB GPU; Zhao et al., ICML 2024).
 
-Built on `Tensor.register_post_accumulate_grad_hook`. An optimizer that has `step_param(p, group)`
-(GradNormLoRP) steps the one parameter directly; any other torch optimizer (AdamW, ...) is stepped
-with its param groups narrowed to that parameter for the call, so it keeps one state, one
+Built on `Tensor.register_post_accumulate_grad_hook` (`on_accumulated_grad`, which a distributor uses
+too, to send each gradient on as soon as it exists). A `ParamwiseOptimizer` (AdamW, GradNormLoRP, ...)
+steps the one parameter by its `step_param(p, group)`; any other torch optimizer (galore-torch's) is
+stepped with its param groups narrowed to that parameter for the call, so it keeps one state, one
 `state_dict` and its LR scheduler.
 
 Gradient accumulation over k micro-batches: the hook fires on every backward; with
@@ -16,10 +17,12 @@ needs all gradients at once (global-norm clipping, a finite check) cannot be com
 """
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from .state import ParamwiseOptimizer
 
 
 class PerLayerHandle:
@@ -34,25 +37,33 @@ class PerLayerHandle:
         self._hooks = []
 
 
-class _StepAfterAccumulation:
-    """Post-accumulate-grad hook: every `every`-th call, step `p` and free its gradient."""
+class _EveryKth:
+    """Post-accumulate-grad hook: call `fn(p)` on every `every`-th accumulation of p's gradient."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, group: dict, every: int):
-        self.optimizer, self.group, self.every, self.calls = optimizer, group, every, 0
+    def __init__(self, fn: Callable[[Tensor], None], every: int):
+        self.fn, self.every, self.calls = fn, every, 0
 
     def __call__(self, p: Tensor) -> None:
         self.calls += 1
         if self.calls % self.every == 0:
-            step_one_param(self.optimizer, p, self.group)
-            p.grad = None
+            self.fn(p)
+
+
+def on_accumulated_grad(params: Iterable[Tensor], fn: Callable[[Tensor], None], *, accumulation_steps: int = 1) -> PerLayerHandle:
+    """Call `fn(p)` inside backward once p's gradient holds the sum of `accumulation_steps` micro-batches
+    (module docstring), for every trainable p of `params`."""
+    if accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+    return PerLayerHandle([p.register_post_accumulate_grad_hook(_EveryKth(fn, accumulation_steps))
+                           for p in params if p.requires_grad])
 
 
 _LOCK = threading.Lock()  # autograd may run hooks of parameters on different devices in different threads
 
 
 def step_one_param(optimizer: torch.optim.Optimizer, p: Tensor, group: dict) -> None:
-    """Step only `p` (of `group`): `optimizer.step_param` where it exists, else a narrowed `step()`."""
-    if hasattr(optimizer, "step_param"):
+    """Step only `p` (of `group`): `step_param` of a ParamwiseOptimizer, else a narrowed `step()`."""
+    if isinstance(optimizer, ParamwiseOptimizer):
         optimizer.step_param(p, group)
     else:
         _narrowed_step(optimizer, p, group)
@@ -77,17 +88,16 @@ def attach_per_layer_step(
     *,
     accumulation_steps: int = 1,
 ) -> PerLayerHandle:
-    """Runs `optimizer`'s step for each trainable parameter inside backward (module docstring)."""
-    if accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-    params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+    """Runs `optimizer`'s step for each trainable parameter inside backward and frees its gradient
+    (module docstring)."""
+    params = list(model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params)
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
-    hooks = []
     for p in params:
-        if not p.requires_grad:
-            continue
-        if p not in group_of:
+        if p.requires_grad and p not in group_of:
             raise ValueError(f"parameter of shape {tuple(p.shape)} is trainable but not in the optimizer")
-        hook = _StepAfterAccumulation(optimizer, group_of[p], accumulation_steps)
-        hooks.append(p.register_post_accumulate_grad_hook(hook))
-    return PerLayerHandle(hooks)
+
+    def step(p: Tensor) -> None:
+        step_one_param(optimizer, p, group_of[p])
+        p.grad = None
+
+    return on_accumulated_grad(params, step, accumulation_steps=accumulation_steps)

@@ -19,10 +19,13 @@ from torch import nn
 from curvtrain.optim.adahessian import AdaHessian
 from curvtrain.optim.adamw import AdamW, decay_groups
 from curvtrain.optim.curvature import METHODS as HVP_METHODS
-from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, lowrank_param_groups
+from curvtrain.optim.gradnorm_lorp import (
+    LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, check_lowrank_options, is_lowrank, lowrank_param_groups,
+)
 from curvtrain.optim.mfac import MFAC
-from curvtrain.optim.projector import METHODS
+from curvtrain.optim.mfac import check_options as check_mfac_options
 from curvtrain.optim.sophia import Sophia
+from curvtrain.optim.state import check_betas
 
 
 NamedParams = Iterable[tuple[str, nn.Parameter]]
@@ -38,9 +41,9 @@ class LowRankConfig:
     """T: steps between refreshes of the projection basis (GaLore default 200)."""
     scale: float = LOWRANK_DEFAULTS["scale"]
     """α: scale of the back-projected update (GaLore default 0.25)."""
-    proj_side: str = "auto"
+    proj_side: str = LOWRANK_DEFAULTS["proj_side"]
     """"auto" (right basis if m ≥ n, else left), "left" or "right"."""
-    power_iters: int = 1
+    power_iters: int = LOWRANK_DEFAULTS["power_iters"]
     """Power iterations of the randomized range finder at each refresh."""
     proj_method: str = LOWRANK_DEFAULTS["proj_method"]
     """How the basis is refreshed: "range_finder" (sketch + QR) or "svd" (GaLore's full SVD, for comparison)."""
@@ -50,18 +53,11 @@ class LowRankConfig:
     """Hold the low-rank Adam moments in blockwise 8-bit."""
 
     def __post_init__(self):
-        if self.rank < 1:
-            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
-        if self.update_gap < 1:
-            raise ValueError(f"update_gap must be ≥ 1, got {self.update_gap}")
-        if not self.scale > 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        if self.proj_side not in ("auto", "left", "right"):
-            raise ValueError(f"proj_side must be 'auto', 'left' or 'right', got {self.proj_side!r}")
-        if self.power_iters < 0:
-            raise ValueError(f"power_iters must be ≥ 0, got {self.power_iters}")
-        if self.proj_method not in METHODS:
-            raise ValueError(f"proj_method must be one of {METHODS}, got {self.proj_method!r}")
+        check_lowrank_options(**self.group_options())
+
+    def group_options(self) -> dict:
+        """The options of the projected param group (`gradnorm_lorp.lowrank_param_groups`)."""
+        return dict(rank=self.rank, **{k: getattr(self, k) for k in LOWRANK_DEFAULTS})
 
 
 @dataclass(kw_only=True)
@@ -105,8 +101,7 @@ class SophiaConfig(EstimateConfig):
         super().__post_init__()
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_betas(self.betas)
         if self.eps < 0:
             raise ValueError(f"eps must be ≥ 0, got {self.eps}")
         if self.estimator not in ESTIMATORS:
@@ -129,8 +124,7 @@ class AdaHessianConfig(EstimateConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_betas(self.betas)
         if self.eps < 0:
             raise ValueError(f"eps must be ≥ 0, got {self.eps}")
         if not 0 < self.hessian_power <= 1:
@@ -153,16 +147,7 @@ class MFACConfig:
     """Entries per block (each block has its own window and m × m Gram matrix)."""
 
     def __post_init__(self):
-        if self.window < 1:
-            raise ValueError(f"window must be ≥ 1, got {self.window}")
-        if self.damping != "gns" and (isinstance(self.damping, str) or not self.damping > 0):
-            raise ValueError(f"damping must be > 0 or 'gns', got {self.damping!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.damping == "gns" and self.momentum:
-            raise ValueError("damping=gns takes the paper's plain step: momentum must be 0")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be ≥ 1, got {self.block_size}")
+        check_mfac_options(window=self.window, damping=self.damping, momentum=self.momentum, block_size=self.block_size)
 
 
 @dataclass(kw_only=True)
@@ -189,12 +174,11 @@ class OptimizerConfig:
             raise ValueError(f"name must be one of {sorted(OPTIMIZERS)}, got {self.name!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        check_betas(self.betas)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
-        if self.name == "mfac" and self.mfac.damping == "gns" and self.weight_decay:
-            raise ValueError("mfac.damping=gns takes the paper's plain step: weight_decay must be 0")
+        if self.name == "mfac":  # the rule that ties the section to the optimizer's weight decay
+            check_mfac_options(**vars(self.mfac), weight_decay=self.weight_decay)
 
     @property
     def needs(self) -> Needs:
@@ -217,9 +201,8 @@ def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torc
     """GradNormLoRP on the `lowrank.targets` matrices, AdamW on the rest (optim.gradnorm_lorp)."""
     lr = cfg.lowrank
     groups = lowrank_param_groups(
-        ((n, p) for n, p in named_params if p.requires_grad), targets=lr.targets, rank=lr.rank,
-        update_gap=lr.update_gap, scale=lr.scale, proj_side=lr.proj_side, power_iters=lr.power_iters,
-        proj_method=lr.proj_method, weight_decay=cfg.weight_decay,
+        ((n, p) for n, p in named_params if p.requires_grad), targets=lr.targets, **lr.group_options(),
+        weight_decay=cfg.weight_decay,
     )
     return GradNormLoRP(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, eight_bit=lr.eight_bit)
 
@@ -238,7 +221,7 @@ def build_galore_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch
         update_gap=lr.update_gap, scale=lr.scale, weight_decay=cfg.weight_decay,
     )
     for group in groups:
-        if "rank" in group:  # galore-torch's names for the same options
+        if is_lowrank(group):  # galore-torch's names for the same options
             group.update(update_proj_gap=group["update_gap"], proj_type="std")
     return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
@@ -265,7 +248,7 @@ def build_mfac(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.O
 
 @dataclass(frozen=True, kw_only=True)
 class Estimate:
-    """A curvature estimate the loop runs for the optimizer, then hands it over with `update_hessian()`."""
+    """A curvature estimate the loop runs for the optimizer, then hands over with `update_hessian(estimates)`."""
 
     estimator: str
     """"gnb" (optim.curvature.gnb_diag, on the model's logits) or "hutchinson" (hutchinson_diag, on the loss)."""
@@ -282,19 +265,28 @@ class Estimate:
 
 @dataclass(frozen=True, kw_only=True)
 class Needs:
-    """What an optimizer needs of the training loop."""
+    """What an optimizer needs of the training loop and of the distributor, declared once per entry: the loop
+    and `distributed.distributor` ask these, never the optimizer object."""
 
     whole_blocks: bool = False
     """Its update needs each parameter whole (2-D projections, per-block curvature state): under data
-    parallelism it runs owner-sharded (distributed.sharded), never on ZeRO's flat partitions."""
+    parallelism it runs on owners (distributed.distributor.OwnerDistributor), never on ZeRO's flat partitions."""
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     """DeepSpeed ZeRO stages it runs under."""
     per_layer: bool = True
-    """Whether it can be stepped parameter by parameter inside backward (optimizer.per_layer)."""
+    """Whether it can be stepped parameter by parameter inside backward (optimizer.per_layer): by its
+    `step_param(p, group)` (a `ParamwiseOptimizer`), else by a step narrowed to the one parameter."""
     estimate: Estimate | None = None
-    """A curvature estimate every k steps, or None."""
+    """A curvature estimate every k steps, handed over by `update_hessian(estimates)`; or None."""
     closure: bool = False
-    """Its step re-evaluates the loss and gradients of the step's batch through a closure."""
+    """Its step re-evaluates the loss and gradients of the step's batch through a closure, as M-FAC's
+    `step(closure, start=(f(x), ‖∇f(x)‖²))` does: the closure returns (f, ‖∇f‖²) over all shards."""
+    metrics: bool = False
+    """It reports statistics of its own: `metrics()` → {name: (numerator, denominator)} of sums over its
+    parameters, which add up across shards (Sophia's win rate, GNS's γ)."""
+    state_cost: bool = False
+    """Its `state_numel(p, group)` gives the elements of state it keeps for p (block ownership balances
+    by it); otherwise ownership balances by parameter size."""
 
 
 def _estimate(c: EstimateConfig, estimator: str) -> Estimate:
@@ -311,15 +303,16 @@ class Entry:
 
 
 OPTIMIZERS: dict[str, Entry] = {
-    "adamw": Entry(build_adamw, lambda cfg: Needs()),
+    "adamw": Entry(build_adamw, lambda cfg: Needs(state_cost=True)),
     "sgd": Entry(build_sgd, lambda cfg: Needs()),
-    "gradnorm_lorp": Entry(build_gradnorm_lorp, lambda cfg: Needs(**OWNER_SHARDED)),
+    "gradnorm_lorp": Entry(build_gradnorm_lorp, lambda cfg: Needs(**OWNER_SHARDED, state_cost=True)),
     "galore_adamw": Entry(build_galore_adamw, lambda cfg: Needs(**OWNER_SHARDED)),
     "sophia": Entry(build_sophia, lambda cfg: Needs(
-        **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.sophia, cfg.sophia.estimator))),
+        **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.sophia, cfg.sophia.estimator), metrics=True, state_cost=True)),
     "adahessian": Entry(build_adahessian, lambda cfg: Needs(
-        **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.adahessian, "hutchinson"))),
-    "mfac": Entry(build_mfac, lambda cfg: Needs(**OWNER_SHARDED, per_layer=False, closure=cfg.mfac.damping == "gns")),
+        **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.adahessian, "hutchinson"), state_cost=True)),
+    "mfac": Entry(build_mfac, lambda cfg: Needs(
+        **OWNER_SHARDED, per_layer=False, closure=cfg.mfac.damping == "gns", metrics=cfg.mfac.damping == "gns", state_cost=True)),
 }
 
 

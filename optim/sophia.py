@@ -6,7 +6,7 @@ Scalable Stochastic Second-order Optimizer for Language Model Pre-training", Alg
                        θ ← θ − lr · sign(m) · min(|m| / (ρ · h + ε), 1)     (elementwise clipping)
     every k steps:     h ← β₂ h + (1 − β₂) ĥ                                (`update_hessian`)
 
-ĥ is a diagonal curvature estimate left in `.grad` by the estimator pass (`optim.curvature`): Sophia-G
+ĥ is a diagonal curvature estimate of the estimator pass (`optim.curvature`), handed to `update_hessian`: Sophia-G
 uses Gauss-Newton-Bartlett, ĥ = B · ĝ ⊙ ĝ; Sophia-H uses Hutchinson, ĥ = u ⊙ (H u). The official code
 leaves ĝ itself in `.grad`, squares it in `update_hessian` and multiplies by the batch size B in `step`
 (min(|m| / (ρ · B · h + 1e-15), 1)); with B inside the estimate the two agree, and one `update_hessian`
@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from .rounding import write_weight_
-from .state import ParamwiseOptimizer, state_dtype
+from .state import CurvatureOptimizer, check_betas, state_dtype
 
 
-class Sophia(ParamwiseOptimizer):
-    """Sophia (module docstring). Call `update_hessian()` with the curvature estimate in `.grad` every k
+class Sophia(CurvatureOptimizer):
+    """Sophia (module docstring). Call `update_hessian(estimates)` with the curvature estimates every k
     steps; `step()` with the gradient in `.grad` every step."""
 
     def __init__(
@@ -40,8 +40,7 @@ class Sophia(ParamwiseOptimizer):
     ):
         if not lr >= 0 or not rho > 0 or weight_decay < 0 or eps < 0:
             raise ValueError(f"need lr ≥ 0, rho > 0, weight_decay ≥ 0, eps ≥ 0; got {lr}, {rho}, {weight_decay}, {eps}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
 
     def _state(self, p: Tensor) -> dict:
@@ -56,14 +55,9 @@ class Sophia(ParamwiseOptimizer):
             )
         return state
 
-    @torch.no_grad()
-    def update_hessian(self) -> None:
-        """h ← β₂ h + (1 − β₂) ĥ for every parameter whose `.grad` holds the estimate ĥ."""
-        for group in self.param_groups:
-            beta2 = group["betas"][1]
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._state(p)["hessian"].mul_(beta2).add_(p.grad, alpha=1 - beta2)
+    def fold_estimate(self, p: Tensor, group: dict, estimate: Tensor) -> None:
+        """h ← β₂ h + (1 − β₂) ĥ."""
+        self._state(p)["hessian"].mul_(group["betas"][1]).add_(estimate, alpha=1 - group["betas"][1])
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict) -> None:
@@ -82,7 +76,8 @@ class Sophia(ParamwiseOptimizer):
         """{"win_rate": (unclipped coordinates, coordinates)} of the last step, summed over this
         optimizer's parameters (sums, so that shards can be added up across workers)."""
         pairs = [(s["unclipped"], s["exp_avg"].numel()) for s in self.state.values() if "unclipped" in s]
-        unclipped = sum((u.double().cpu() for u, _ in pairs), torch.zeros((), dtype=torch.float64))
+        # on the parameters' device, no copy per parameter: the loop gathers all metrics at its log interval
+        unclipped = torch.stack([u for u, _ in pairs]).sum(dtype=torch.float64) if pairs else torch.zeros((), dtype=torch.float64)
         return {"win_rate": (unclipped, torch.tensor(float(sum(n for _, n in pairs)), dtype=torch.float64))}
 
     def state_numel(self, p: Tensor, group: dict) -> int:

@@ -2,11 +2,17 @@
 weights survive a checkpoint), and one parameter stepped at a time (`ParamwiseOptimizer`)."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from itertools import chain
 
 import torch
 from torch import Tensor
+
+
+def check_betas(betas) -> None:
+    """The one check of an Adam-style (β₁, β₂) pair: two numbers in [0, 1)."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(betas)}")
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
@@ -48,3 +54,20 @@ class ParamwiseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         restore_saved_dtypes(self, state_dict)
+
+
+class CurvatureOptimizer(ParamwiseOptimizer):
+    """A ParamwiseOptimizer that folds a diagonal curvature estimate ĥ (optim.curvature) into its state
+    every k steps: `update_hessian(estimates)`, then `step()` from the gradients as usual."""
+
+    @torch.no_grad()
+    def update_hessian(self, estimates: Mapping[Tensor, Tensor]) -> None:
+        """Fold the estimate of every parameter that `estimates` maps (a distributor passes those of the
+        blocks this rank owns); the others keep their state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in estimates:
+                    self.fold_estimate(p, group, estimates[p])
+
+    def fold_estimate(self, p: Tensor, group: dict, estimate: Tensor) -> None:
+        raise NotImplementedError

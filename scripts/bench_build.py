@@ -43,7 +43,7 @@ def measure(spec: dict, rank: int = 0) -> dict:
     import torch
 
     from curvtrain.distributed.engine import param_dtype
-    from curvtrain.distributed.trainer import build_model_and_optimizer
+    from curvtrain.distributed.engine import build_model_and_optimizer
     from curvtrain.models.llama import LlamaForCausalLM, llama_config
 
     if spec["mode"] == "zero3":

@@ -79,15 +79,17 @@ def whole_state_bytes(cfg) -> int:
     """The whole model's optimizer state in bytes (fp32 statistics), before any sharding."""
     import torch
 
+    from curvtrain.distributed.engine import build_model_and_optimizer
     from curvtrain.distributed.ownership import state_costs
-    from curvtrain.distributed.trainer import build_model_and_optimizer
 
     model, optimizer = build_model_and_optimizer(cfg, torch.device("meta"))
-    return 4 * sum(state_costs(optimizer, {p: n for n, p in model.named_parameters()}).values())
+    names = {p: n for n, p in model.named_parameters()}
+    return 4 * sum(state_costs(optimizer, names, own_cost=cfg.optimizer.needs.state_cost).values())
 
 
 def run_one(spec: dict) -> dict:
     from curvtrain.distributed.coordinator import Coordinator
+    from curvtrain.distributed.distributor import OPTIMIZER_SHARD, OwnerDistributor, distributor_for
     from curvtrain.distributed.metrics import read_metrics
     from curvtrain.launcher.cluster import connect
 
@@ -98,7 +100,8 @@ def run_one(spec: dict) -> dict:
         Coordinator(cfg, Path(run_dir)).run()
         records = {r["step"]: r for r in read_metrics(Path(run_dir))}
         ckpt = Path(run_dir) / "checkpoints" / f"step_{spec['steps']:08d}"
-        pattern = "optimizer_rank{}.pt" if cfg.owner_sharded else "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+        owner = distributor_for(cfg) is OwnerDistributor
+        pattern = OPTIMIZER_SHARD if owner else "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
         state_files = [(ckpt / pattern.format(rank)).stat().st_size for rank in range(cfg.workers.num_workers)]
     last, skip = records[spec["steps"]], records[spec["skip"]]
     ms = 1000 * (last["elapsed_s"] - skip["elapsed_s"]) / (spec["steps"] - spec["skip"])

@@ -8,6 +8,7 @@ from torch import nn
 
 from curvtrain.optim import MFAC, AdaHessian, Sophia
 from curvtrain.optim.mfac import GNS_GAMMA0
+from curvtrain.optim.state import CurvatureOptimizer
 
 F64 = torch.float64
 
@@ -132,8 +133,7 @@ def test_sophia_moves_no_coordinate_more_than_lr_and_reports_its_win_rate():
     win_rates = []
     for t, (g, e) in enumerate(zip(grads, estimates)):
         if t % 3 == 0:  # an estimate every k = 3 steps, from step 0; |e| · 20 spreads h over clipped and unclipped
-            w.grad = 20 * e.abs()
-            opt.update_hessian()
+            opt.update_hessian({w: 20 * e.abs()})
             h = betas[1] * h + (1 - betas[1]) * 20 * e.abs()
         w.grad = g.clone()
         before = w.detach().clone()
@@ -163,8 +163,7 @@ def test_adahessian_equals_adam_when_the_hessian_estimate_is_the_gradient_scale(
     kw = dict(lr=0.01, betas=(0.9, 0.999), eps=1e-4)
     opt, ref = AdaHessian([ours], block_size=1, **kw), torch.optim.Adam([adam], **kw)
     for g in grads:
-        ours.grad = g.abs() if estimate == "abs_grad" else torch.ones_like(g)
-        opt.update_hessian()
+        opt.update_hessian({ours: g.abs() if estimate == "abs_grad" else torch.ones_like(g)})
         ours.grad, adam.grad = g.clone(), g.clone()
         opt.step()
         ref.step()
@@ -177,8 +176,7 @@ def test_adahessian_averages_the_estimate_over_blocks_and_needs_one():
     w.grad = torch.ones(2, 4, dtype=F64)
     with pytest.raises(RuntimeError, match="no Hessian estimate yet"):
         opt.step()
-    w.grad = torch.tensor([[1.0, -3.0, 2.0, 2.0], [0.0, 0.0, 0.0, 4.0]], dtype=F64)
-    opt.update_hessian()
+    opt.update_hessian({w: torch.tensor([[1.0, -3.0, 2.0, 2.0], [0.0, 0.0, 0.0, 4.0]], dtype=F64)})
     torch.testing.assert_close(opt.state[w]["hessian_diag"], torch.tensor([[2.0] * 4, [1.0] * 4], dtype=F64))
 
 
@@ -207,10 +205,9 @@ def test_state_dict_round_trip_resumes_exactly(name):
                 loss = (w.double() - target).pow(4).sum()
                 loss.backward()
                 return loss.detach()
-            if hasattr(opt, "update_hessian"):
+            if isinstance(opt, CurvatureOptimizer):
                 closure()
-                w.grad = w.grad.abs()  # any estimate will do here
-                opt.update_hessian()
+                opt.update_hessian({w: w.grad.abs()})  # any estimate will do here
             closure()
             opt.step(closure)
 
@@ -237,8 +234,8 @@ def test_state_numel_is_the_state_the_optimizer_allocates(name):
     opt = make(name, params)
     for p in params:
         p.grad = torch.randn_like(p)
-    if hasattr(opt, "update_hessian"):
-        opt.update_hessian()
+    if isinstance(opt, CurvatureOptimizer):
+        opt.update_hessian({p: p.grad.abs() for p in params})
     opt.step()
     for p in params:
         allocated = sum(t.numel() for t in opt.state[p].values() if t.is_floating_point())

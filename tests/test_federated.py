@@ -145,6 +145,11 @@ def curvtrain(*args: str) -> subprocess.CompletedProcess:
     (["--set", "data.path=/no/such/dir"], "Fashion-MNIST file not found: /no/such/dir/train-images-idx3-ubyte.gz"),
     (["--set", "data.name=npz", "--set", "data.path=/no/such.npz"], "data file not found: /no/such.npz"),
     (["--resume"], "no checkpoint"),
+    # the local step runs forward, backward and step: optimizers that need more are refused before Ray starts
+    (["--set", "local.optimizer.name=adahessian"], "local: optimizer.name=adahessian needs a curvature estimate every k steps"),
+    (["--set", "local.optimizer.name=sophia"], "local: optimizer.name=sophia needs a curvature estimate every k steps"),
+    (["--set", "local.optimizer.name=mfac", "--set", "local.optimizer.mfac.damping=gns", "--set", "local.optimizer.weight_decay=0"],
+     "local: optimizer.name=mfac needs a closure that re-evaluates its batch"),
 ])
 def test_bad_configs_exit_2_naming_the_field_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "run"

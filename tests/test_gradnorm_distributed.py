@@ -1,13 +1,16 @@
 """GradNormLoRP across real worker processes: whole matrices owned by ranks, DeepSpeed ZeRO-0 engine."""
+import re
 import shutil
 
 import pytest
+import torch
 
 from conftest import resume_from_step_10, tiny
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.coordinator import Coordinator
 from curvtrain.distributed.export import consolidated_state_dict
 from curvtrain.distributed.metrics import read_metrics
+from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS
 
 pytestmark = pytest.mark.slow
 GN = ("optimizer.name=gradnorm_lorp", "engine.zero_stage=0", "optimizer.lowrank.rank=8",
@@ -29,6 +32,24 @@ def test_two_workers_equal_one_worker_after_20_steps(runs):
     assert max_diff(weights(one), weights(two)) <= 1e-5
     loss = [r["loss"] for r in read_metrics(two)]
     assert loss[-1] < loss[0] - 2.0
+
+
+# 3 workers: 12 sequences a step (1 worker: accumulation 3); the embedding and the head go to ranks 0 and 1,
+# every other block to rank 2, so two ranks own no projected matrix at all
+THREE, ONE_OF_THREE = ("workers.num_workers=3", "batch.global_batch_size=12"), ("workers.num_workers=1", "batch.global_batch_size=12")
+
+
+def test_three_workers_with_uneven_ownership_equal_one_worker(runs, tmp_path):
+    owners = Coordinator(tiny(*GN, *THREE), tmp_path).ownership_plan()
+    with_matrix = {owners[n] for n in owners if re.search(LLAMA_TARGETS, n)}
+    assert set(owners.values()) == {0, 1, 2} and len(with_matrix) < 3
+    one, three = runs(*GN, *ONE_OF_THREE), runs(*GN, *THREE)
+    assert max_diff(weights(one), weights(three)) <= 1e-5
+
+
+def test_per_layer_on_three_workers_equals_one_worker(runs):
+    one, three = runs(*GN, *ONE_OF_THREE, "engine.grad_clip=0"), runs(*GN, *THREE, *PER_LAYER)
+    assert max_diff(weights(one), weights(three)) <= 1e-5
 
 
 def test_per_layer_updates_on_two_workers_equal_the_ordinary_step(runs):
@@ -53,6 +74,19 @@ def test_optimizer_state_per_worker_is_half(runs):
     total = (one / "optimizer_rank0.pt").stat().st_size
     for rank in (0, 1):
         assert 0.4 * total < (two / f"optimizer_rank{rank}.pt").stat().st_size < 0.6 * total
+
+
+@pytest.mark.parametrize("extra", [(), PER_LAYER], ids=["whole_step", "per_layer"])
+def test_owner_checkpoint_holds_the_optimizer_state_once(runs, extra):
+    """At ZeRO 0 DeepSpeed writes its client optimizer's state_dict into mp_rank_00_model_states.pt; on the
+    owner distributor each rank's shard is the only copy (the model file holds none)."""
+    ckpt = runs(*GN, *TWO, *extra) / "checkpoints" / "step_00000020"
+    with checkpoint.weights_only_loading():
+        model_file = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)
+    assert model_file["optimizer"] is None and model_file["module"]
+    shards = [torch.load(ckpt / f"optimizer_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(shard["rule"]["state"] for shard in shards)  # each rank's state, of the blocks it owns
+    assert not set(shards[0]["rule"]["state"]) & set(shards[1]["rule"]["state"])
 
 
 def test_resume_with_8bit_state_equals_uninterrupted(runs, tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from curvtrain.distributed.config import TrainConfig
 from curvtrain.distributed.ownership import assign_owners, plan_for, state_costs
-from curvtrain.distributed.trainer import build_model_and_optimizer
+from curvtrain.distributed.engine import build_model_and_optimizer
 from curvtrain.launcher.config import load_config
 
 
@@ -31,8 +31,8 @@ def test_7b_gradnorm_lorp_state_per_worker_is_total_over_n(world_size):
     cfg = load_config(TrainConfig, None, ["model.name=7b", "optimizer.name=gradnorm_lorp", "optimizer.lowrank.rank=1024",
                                           "engine.zero_stage=0", f"workers.num_workers={world_size}", "batch.global_batch_size=64"])
     model, optimizer = build_model_and_optimizer(cfg, torch.device("meta"))
-    owners = plan_for(model, optimizer, world_size)
-    costs = state_costs(optimizer, {p: n for n, p in model.named_parameters()})
+    owners = plan_for(model, optimizer, world_size, own_cost=cfg.optimizer.needs.state_cost)
+    costs = state_costs(optimizer, {p: n for n, p in model.named_parameters()}, own_cost=cfg.optimizer.needs.state_cost)
     loads = [sum(c for n, c in costs.items() if owners[n] == r) for r in range(world_size)]
     total = sum(costs.values())
     assert max(loads) <= 1.05 * total / world_size, loads

@@ -62,7 +62,7 @@ def one_step_traffic(rank: int, store_dir: str, overrides: tuple, out: str) -> N
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"tally": tally, "model_bytes": model_bytes, "params": len(before), "changed": changed,
-                       "buckets": len(getattr(trainer.optimizer, "buckets", []))}, f)
+                       "buckets": len(getattr(trainer.distributor, "buckets", []))}, f)
     dist.destroy_process_group()
 
 

@@ -14,7 +14,7 @@ from curvtrain.distributed.federated.algorithms import ALGORITHMS, Algorithm, Fe
 from curvtrain.models.data import DataConfig
 from curvtrain.models.llama import LLAMA_CONFIGS
 from curvtrain.models.vision import VISION_MODELS
-from curvtrain.optim import OptimizerConfig
+from curvtrain.optim import OPTIMIZERS, Needs, OptimizerConfig
 
 DATASETS = ("fmnist", "npz", "text")
 
@@ -108,6 +108,12 @@ class FedModelConfig:
             raise ValueError(f"llama must be one of {sorted(LLAMA_CONFIGS)}, got {self.llama!r}")
 
 
+def runs_locally(needs: Needs) -> bool:
+    """Whether a client's local step (forward, backward, the optimizer's step: nothing more) gives this
+    optimizer what it needs (registry `Needs`)."""
+    return needs.estimate is None and not needs.closure
+
+
 @dataclass(kw_only=True)
 class LocalConfig:
     steps: int = 20
@@ -130,6 +136,12 @@ class LocalConfig:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be ≥ 0, got {self.grad_clip}")
+        needs = self.optimizer.needs
+        if not runs_locally(needs):
+            what = "a curvature estimate every k steps" if needs.estimate is not None else "a closure that re-evaluates its batch"
+            runnable = sorted(n for n, e in OPTIMIZERS.items() if runs_locally(e.needs(OptimizerConfig(name=n))))
+            raise ValueError(f"optimizer.name={self.optimizer.name} needs {what}, which a federated client's local "
+                             f"steps do not run: choose one of {', '.join(runnable)}")
 
 
 @dataclass(kw_only=True)
