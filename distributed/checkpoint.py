@@ -15,8 +15,8 @@ Sealing: each rank hashes the files it wrote (`writer_rank`) right after writing
 parallel (`hash_own_files`); rank 0 gathers the hashes and only merges them into the manifest
 (`write_manifest`).
 
-A checkpoint without a manifest, or whose files disagree with it, is never loaded: `validate` names
-the problem and the coordinator checks it before any worker starts.
+A checkpoint without a manifest, whose files disagree with it, or holding a file it does not list, is
+never loaded: `validate` names the problem and the coordinator checks it before any worker starts.
 
 Nothing in a checkpoint is unpickled: a run directory copied from someone else must not run code on
 `--resume` or `export`. `validate` refuses a file holding any Python object other than tensors, plain
@@ -177,7 +177,46 @@ def validate(ckpt_dir: Path) -> dict:
             raise CheckpointError(f"checkpoint {ckpt_dir} is corrupt: {name} does not match its manifest checksum")
         if name.endswith(".pt"):
             _check_weights_only(ckpt_dir, name)
+    unlisted = [name for name in (str(p.relative_to(ckpt_dir)) for p in _files(ckpt_dir)) if name not in files]
+    if unlisted:  # loaders read files by name pattern: one the seal does not vouch for is never loaded
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds {unlisted[0]}, a file its {MANIFEST} does not list "
+                              f"(added after it was sealed): refused")
     return manifest
+
+
+FIXED_ON_RESUME = ("model", "optimizer", "engine.precision")
+"""Config fields a resumed run keeps from its checkpoint (its weights' shape and dtype, its optimizer state and
+LR schedule, which holds the peak rate: a new optimizer.lr would be silently ignored). `engine.zero_stage` and
+`workers.num_workers` are checked with the checkpoint's layout; every other field may change on resume."""
+
+
+def check_settings(ckpt_dir: Path, config: dict) -> None:
+    """CheckpointError naming the first FIXED_ON_RESUME field where `config` (a resolved run config as plain
+    data, `config_to_dict`) differs from the config.yaml saved in the checkpoint, with both values."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(ckpt_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no readable config.yaml ({e})") from None
+
+    def differences(old, new, path: str):
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in new:
+                if key in old:  # a field added since the checkpoint was written is not compared
+                    yield from differences(old[key], new[key], f"{path}.{key}")
+        elif old != new:
+            yield path, old, new
+
+    for fixed in FIXED_ON_RESUME:
+        old, new = saved, config
+        for part in fixed.split("."):
+            old, new = (old or {}).get(part), new[part]
+        for field, was, now in differences(old, new, fixed):
+            raise CheckpointError(
+                f"--resume: checkpoint {Path(ckpt_dir).name} was trained with {field}={was!r}, this run has {field}={now!r}; "
+                f"a resumed run keeps the checkpoint's {', '.join(f + ('.*' if '.' not in f else '') for f in FIXED_ON_RESUME)} "
+                f"(drop the override, or start a new run in another --out)")
 
 
 def latest(ckpt_root: Path) -> Path | None:

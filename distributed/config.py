@@ -108,11 +108,16 @@ class RunConfig:
     """Steps between checkpoints (and at the last step)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""
+    max_skipped_steps: int = 10
+    """Steps DeepSpeed may skip for non-finite gradients (ZeRO's overflow check) before the run fails as
+    diverged (distributed.health); 0 fails on the first."""
 
     def __post_init__(self):
         for name in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be ≥ 0, got {self.max_skipped_steps}")
 
 
 @dataclass(kw_only=True)

@@ -18,7 +18,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from curvtrain.distributed import checkpoint, placement
-from curvtrain.distributed.config import TrainConfig, save_config
+from curvtrain.distributed.config import TrainConfig, config_to_dict, save_config
+from curvtrain.distributed.health import Diverged
 from curvtrain.distributed.metrics import plot_losses, truncate_metrics
 from curvtrain.distributed.distributor import distributor_for
 from curvtrain.distributed.engine import build_model_and_optimizer
@@ -66,6 +67,8 @@ class WorkerGroup:
                 ray.get(done[0])  # raises at once if this worker failed; peers would hang in collectives
             except RayActorError as e:
                 raise WorkerLost(str(e).splitlines()[0]) from e
+            except Diverged as e:  # all ranks stopped at the same step; nothing non-finite was sealed
+                raise Diverged(str(e.cause)) from None
             except RayTaskError as e:  # an exception inside a worker; str(e) holds its frames
                 raise RunFailed(f"an exception in a worker; its traceback (most recent call last):\n{e}") from None
         return ray.get(refs[0])
@@ -95,7 +98,9 @@ class Coordinator:
         return resume_from
 
     def check_checkpoint(self, ckpt: Path) -> None:
-        distributor_for(self.cfg).check_checkpoint(checkpoint.validate(ckpt), ckpt, self.cfg)
+        manifest = checkpoint.validate(ckpt)
+        checkpoint.check_settings(ckpt, config_to_dict(self.cfg))  # the same model and optimizer settings
+        distributor_for(self.cfg).check_checkpoint(manifest, ckpt, self.cfg)
 
     def run(self) -> dict:
         resume_from = self.resume_from if self.checked else self.check()

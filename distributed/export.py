@@ -7,6 +7,7 @@ import torch
 
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.config import TrainConfig
+from curvtrain.distributed.health import nonfinite_counts
 
 
 def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -22,6 +23,17 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
+def refuse_nonfinite(ckpt_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    """CheckpointError naming the tensors whose weights hold NaN or inf (a model nobody can use)."""
+    counts = nonfinite_counts(state.values()).tolist()
+    bad = [(name, n) for name, n in zip(state, counts) if n]
+    if bad:
+        names = ", ".join(f"{name} ({n:,} of {state[name].numel():,})" for name, n in bad[:3])
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt_dir} holds non-finite weights (NaN or inf) in {len(bad)} of {len(state)} tensors, "
+            f"e.g. {names}: refused (export a checkpoint from before the run diverged)")
+
+
 def export_checkpoint(ckpt_dir: Path, cfg: TrainConfig, out_dir: Path) -> Path:
     """Write model.safetensors + config.json + tokenizer files that `LlamaForCausalLM.from_pretrained` reads."""
     from curvtrain.models.hf import export_hf
@@ -32,8 +44,10 @@ def export_checkpoint(ckpt_dir: Path, cfg: TrainConfig, out_dir: Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty")
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    state = consolidated_state_dict(ckpt_dir)
+    refuse_nonfinite(ckpt_dir, state)
     export_hf(
-        consolidated_state_dict(ckpt_dir),
+        state,
         llama_config(cfg.model.name),
         out_dir,
         tokenizer_model=tokenizer.model_path,

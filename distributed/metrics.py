@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class MetricsLogger:
         self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(finite_or_none(record)) + "\n")  # NaN and inf as null: metrics.jsonl stays JSON
         for key, value in record.items():
             if key != self.step_key and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, record[self.step_key])
@@ -35,6 +36,11 @@ class MetricsLogger:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+def finite_or_none(record: dict) -> dict:
+    """A record with every non-finite float (a diverged loss) as None, written as JSON null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def peak_memory_bytes(device) -> int:
@@ -71,7 +77,7 @@ def plot_series(run_dir: Path, name: str, x: str, series: dict[str, tuple[str, s
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    points = {key: [(r[x], r[key]) for r in records if key in r] for key in series}
+    points = {key: [(r[x], r[key]) for r in records if r.get(key) is not None] for key in series}  # null: not finite
     if not any(points.values()):
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

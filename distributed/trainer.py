@@ -23,6 +23,7 @@ from curvtrain.distributed.checkpointer import Checkpointer
 from curvtrain.distributed.config import TrainConfig
 from curvtrain.distributed.distributor import StepClosure, build_distributor
 from curvtrain.distributed.engine import build_engine, build_model_and_optimizer
+from curvtrain.distributed.health import Diverged, Health
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
 from curvtrain.distributed.validator import Validator
 from curvtrain.models.data import TokenData
@@ -49,6 +50,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.distributor)
         self.validator = Validator(cfg, self.engine, self.data, device)
         self.logger: MetricsLogger | None = None  # opened by fit(), at the step it starts from
+        self.health = Health(cfg.run.max_skipped_steps, device)  # non-finite loss/weights, skipped steps
 
     # ---- state (everything a resume needs besides the engine and the optimizer) ----
     def state_dict(self) -> dict:
@@ -189,6 +191,7 @@ class Trainer:
         while self.step < max_steps:
             lr = self.engine.get_lr()[0]  # the rate this step's update uses
             loss = self.train_step()
+            self.health.observe(self.step, loss, self.engine)  # on the device: no host sync
             last = self.step == max_steps
             record: dict = {"step": self.step}
             if self.step % run.log_interval == 0 or last:
@@ -199,8 +202,15 @@ class Trainer:
                     tokens_per_s=(self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9),
                     elapsed_s=time.perf_counter() - start,
                     peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
+                    skipped_steps=self.engine.skipped_steps,
                     **self.optimizer_metrics(),
                 )
+            seal = self.step % run.checkpoint_interval == 0 or last
+            if (len(record) > 1 or seal) and (problem := self.health.problem(self.step, self.engine, weights=seal)):
+                if self.logger is not None:  # the record of the step that failed, then stop on every rank
+                    self.logger.log(record)
+                    self.logger.close()
+                raise Diverged(problem)
             if self.step % run.eval_interval == 0 or last:
                 val_loss = self.validator.evaluate()
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
@@ -210,7 +220,7 @@ class Trainer:
                     self.logger.log(record)
             if progress is not None:
                 progress.update(1)
-            if self.step % run.checkpoint_interval == 0 or last:
+            if seal:
                 self.save_checkpoint()
         if self.logger is not None:
             self.logger.close()

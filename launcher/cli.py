@@ -5,9 +5,10 @@
     curvtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR
 
 Every config problem is reported, naming the field, before Ray or any worker starts.
-Exit codes: 0 done; 2 bad input (config, paths, checkpoint), found before any worker starts, nothing
-written; 1 a failure during the run (the worker's traceback is printed; the run directory keeps its
-last sealed checkpoint, so `--resume` continues it once the cause is fixed).
+Exit codes: 0 done; 2 bad input (config, paths, checkpoint, a run directory another live run holds),
+found before any worker starts, nothing written; 1 a failure during the run (the worker's traceback is
+printed) or a run that diverged (the step named); 130 interrupted (Ctrl-C). After 1 and 130 the run
+directory keeps its last sealed checkpoint, so `--resume` continues it once the cause is fixed.
 """
 from __future__ import annotations
 
@@ -54,18 +55,20 @@ def pretrain(args) -> int:
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    from curvtrain.distributed.coordinator import Coordinator
-    from curvtrain.launcher.cluster import connect
+    def run() -> dict:
+        from curvtrain.distributed.coordinator import Coordinator
+        from curvtrain.launcher.cluster import connect
 
-    coordinator = Coordinator(cfg, run_dir, resume=args.resume)
-    coordinator.check()  # before Ray starts: run dir, checkpoint, corpus
-    w = cfg.workers
-    local = connect(args.address, num_cpus_needed=w.num_workers * w.cpus_per_worker,
-                    num_gpus_needed=w.num_workers if w.use_gpu else 0)
-    coordinator.local = local
-    summary = run_or_report(coordinator.run, run_dir)
-    if summary is None:
-        return 1
+        coordinator = Coordinator(cfg, run_dir, resume=args.resume)
+        coordinator.check()  # before Ray starts: run dir, checkpoint, corpus
+        w = cfg.workers
+        coordinator.local = connect(args.address, num_cpus_needed=w.num_workers * w.cpus_per_worker,
+                                    num_gpus_needed=w.num_workers if w.use_gpu else 0)
+        return coordinator.run()
+
+    summary = run_locked(run, run_dir)
+    if isinstance(summary, int):
+        return summary
     print(
         f"[curvtrain] done: step {summary.get('step')}  loss {summary.get('loss', float('nan')):.4f}  "
         f"val_loss {summary.get('val_loss', float('nan')):.4f}\n"
@@ -85,18 +88,21 @@ def federate(args) -> int:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
     run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    from curvtrain.distributed.federated.server import FederatedServer, object_store_bytes
-    from curvtrain.launcher.cluster import connect
+    def run() -> dict:
+        from curvtrain.distributed.federated.server import FederatedServer, object_store_bytes
+        from curvtrain.launcher.cluster import connect
 
-    server = FederatedServer(cfg, run_dir, resume=args.resume)
-    server.check()  # before Ray starts: run dir, checkpoint, data files
-    p = cfg.pool
-    actors = p.num_actors or None  # None: one per CPU slot of the cluster, known once connected
-    connect(args.address, num_cpus_needed=(actors or 1) * p.cpus_per_actor, num_gpus_needed=(actors or 1) if p.use_gpu else 0,
-            object_store_bytes=object_store_bytes(server.model_bytes, actors or _local_slots(p)))
-    summary = run_or_report(server.run, run_dir)
-    if summary is None:
-        return 1
+        server = FederatedServer(cfg, run_dir, resume=args.resume)
+        server.check()  # before Ray starts: run dir, checkpoint, data files
+        p = cfg.pool
+        actors = p.num_actors or None  # None: one per CPU slot of the cluster, known once connected
+        connect(args.address, num_cpus_needed=(actors or 1) * p.cpus_per_actor, num_gpus_needed=(actors or 1) if p.use_gpu else 0,
+                object_store_bytes=object_store_bytes(server.model_bytes, actors or _local_slots(p)))
+        return server.run()
+
+    summary = run_locked(run, run_dir)
+    if isinstance(summary, int):
+        return summary
     metrics = "  ".join(f"{k} {summary[k]:.4f}" for k in ("test_loss", "test_accuracy") if k in summary)
     print(
         f"[curvtrain] done: round {summary.get('round')}  {metrics}\n"
@@ -108,20 +114,34 @@ def federate(args) -> int:
     return 0
 
 
-def run_or_report(run, run_dir: Path) -> dict | None:
-    """`run()`'s summary; or, when the run fails after its workers started (a failure, not bad input:
-    exit 1), None after printing the workers' traceback and the checkpoint the run directory keeps."""
-    from curvtrain.distributed import checkpoint
+def run_locked(run, run_dir: Path) -> dict | int:
+    """`run()`'s summary, run holding RUN_DIR's lock (released on every way out); or, when the run stops
+    after its workers started, the exit code after saying why and which sealed checkpoint `--resume`
+    continues from: 1 a failure (the workers' traceback) or divergence (the step), 130 Ctrl-C (the
+    workers are stopped first). Bad input (exit 2) propagates."""
+    from curvtrain.distributed import checkpoint, run_lock
     from curvtrain.distributed.coordinator import RunFailed
+    from curvtrain.distributed.health import Diverged
+
+    def kept() -> str:
+        found = checkpoint.latest(run_dir / "checkpoints")
+        return f"its last sealed checkpoint {found.name}" if found else "no checkpoint yet"
 
     try:
-        return run()
+        with run_lock.hold(run_dir):
+            return run()
     except RunFailed as e:
-        kept = checkpoint.latest(run_dir / "checkpoints")
-        print(f"curvtrain: the run failed:\n{e}\ncurvtrain: {run_dir} keeps "
-              f"{f'its last sealed checkpoint {kept.name}' if kept else 'no checkpoint yet'}; fix the cause, then "
+        print(f"curvtrain: the run failed:\n{e}\ncurvtrain: {run_dir} keeps {kept()}; fix the cause, then "
               f"continue it with --resume", file=sys.stderr)
-        return None
+        return 1
+    except Diverged as e:
+        print(f"curvtrain: {e}\ncurvtrain: {run_dir} keeps {kept()} (no checkpoint of non-finite weights is "
+              f"sealed); lower optimizer.lr or raise engine.grad_clip, then continue it with --resume", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ncurvtrain: interrupted; the workers are stopped. {run_dir} keeps {kept()}"
+              f"{'; continue it with --resume' if checkpoint.latest(run_dir / 'checkpoints') else ''}", file=sys.stderr)
+        return 130
 
 
 def _local_slots(pool) -> int:
@@ -151,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, OSError) as e:  # ConfigError, RunDirError, data errors
         print(f"curvtrain: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any worker started (a run's own Ctrl-C is run_locked's)
+        print("\ncurvtrain: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -91,7 +91,10 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:  # a malformed value, or a tag (!!python/object...) that safe YAML refuses to build
+        raise ConfigError(f"--set {assignment}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:

@@ -1,4 +1,6 @@
 """Sealing a checkpoint without processes: each rank hashes the files it wrote, rank 0 only merges."""
+import re
+
 import pytest
 import torch
 
@@ -62,3 +64,30 @@ def test_merged_hashes_are_what_validate_checks(ckpt):
 def test_a_file_no_rank_reported_is_hashed_by_rank_0(ckpt):
     checkpoint.write_manifest(ckpt, [checkpoint.hash_own_files(ckpt, 0)], step=7, world_size=2, zero_stage=1)
     assert sorted(checkpoint.validate(ckpt)["files"]) == sorted(WRITERS)
+
+
+def test_a_file_the_manifest_does_not_list_is_refused(ckpt):
+    """A file put into a sealed checkpoint (a second optimizer shard, a stray pickle) would be loaded by
+    name pattern although the seal does not vouch for it: validate refuses it, naming it."""
+    checkpoint.write_manifest(ckpt, [checkpoint.hash_own_files(ckpt, r) for r in (0, 1)], step=7, world_size=2, zero_stage=1)
+    torch.save({"weights": torch.zeros(3)}, ckpt / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="holds zero_pp_rank_2_mp_rank_00_optim_states.pt, a file its manifest.json does not list"):
+        checkpoint.validate(ckpt)
+
+
+def test_resume_settings_must_match_the_checkpoints(ckpt):
+    """model.*, optimizer.* and engine.precision are the checkpoint's; other fields may change."""
+    from conftest import tiny
+    from curvtrain.distributed.config import config_to_dict, save_config
+
+    save_config(tiny(), ckpt / "config.yaml")
+    checkpoint.check_settings(ckpt, config_to_dict(tiny("schedule.max_steps=40", "run.log_interval=5")))
+    for override, message in [
+        ("optimizer.lr=1e-3", "trained with optimizer.lr=0.003, this run has optimizer.lr=0.001"),
+        ("optimizer.name=sgd", "trained with optimizer.name='adamw', this run has optimizer.name='sgd'"),
+        ("optimizer.betas=[0.9, 0.99]", "optimizer.betas=[0.9, 0.95], this run has optimizer.betas=[0.9, 0.99]"),
+        ("engine.precision=bf16", "engine.precision='fp32', this run has engine.precision='bf16'"),
+        ("model.name=20m", "model.name='tiny', this run has model.name='20m'"),
+    ]:
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
+            checkpoint.check_settings(ckpt, config_to_dict(tiny(override)))
