@@ -95,25 +95,40 @@ class WorkersConfig:
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class CheckpointedRunConfig:
+    """What a pretraining run and a federated run share: a seed, the cadence of evaluations and checkpoints
+    (in steps or in rounds), and how many checkpoints are kept."""
+
     seed: int = 0
-    """Seeds model initialization (data order is seeded by data.seed)."""
+    """Seeds the initial model (federated: the client sampling too; pretraining's data order is seeded by data.seed)."""
+    eval_interval: int
+    """Steps (rounds) between evaluations, and at the last one."""
+    checkpoint_interval: int
+    """Steps (rounds) between checkpoints, and at the last one."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""
+
+    def __post_init__(self):
+        for name in ("eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class RunConfig(CheckpointedRunConfig):
     log_interval: int = 1
     """Steps between metrics records (each costs one all-reduce and one host sync)."""
     eval_interval: int = 50
-    """Steps between validation passes (and at the last step)."""
     eval_samples: int = 64
     """Validation sequences per pass (the first ones of the held-out split)."""
     checkpoint_interval: int = 100
-    """Steps between checkpoints (and at the last step)."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""
     max_skipped_steps: int = 10
     """Steps DeepSpeed may skip for non-finite gradients (ZeRO's overflow check) before the run fails as
     diverged (distributed.health); 0 fails on the first."""
 
     def __post_init__(self):
-        for name in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval_samples"):
+        super().__post_init__()
+        for name in ("log_interval", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_skipped_steps < 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from curvtrain.distributed.config import CheckpointedRunConfig
 from curvtrain.distributed.federated import partition
 from curvtrain.distributed.federated.algorithms import ALGORITHMS, Algorithm, FedProx, FedSpeed, Scaffold
 from curvtrain.models.data import DataConfig
@@ -183,24 +184,18 @@ class PoolConfig:
 
 
 @dataclass(kw_only=True)
-class FedRunConfig:
+class FedRunConfig(CheckpointedRunConfig):
     rounds: int = 50
     """Communication rounds."""
-    seed: int = 0
-    """Seeds the initial model and the client sampling."""
     eval_interval: int = 1
-    """Rounds between evaluations of the global model on the test set (and at the last round)."""
     eval_samples: int = 0
     """Test samples (sequences for text) per evaluation, the first ones; 0 = the whole test set."""
     checkpoint_interval: int = 10
-    """Rounds between checkpoints (and at the last round)."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept in RUN_DIR/checkpoints."""
 
     def __post_init__(self):
-        for name in ("rounds", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        super().__post_init__()
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be ≥ 1, got {self.rounds}")
         if self.eval_samples < 0:
             raise ValueError(f"eval_samples must be ≥ 0, got {self.eval_samples}")
 
