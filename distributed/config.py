@@ -19,6 +19,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 class ModelConfig:
     name: str = "20m"
     """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b)."""
+    vocab_size: int = 0
+    """Rows of the embedding and output head; 0 takes the vocabulary of data.tokenizer (a larger value pads it)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs ~30% more compute)."""
     compile: bool = False
@@ -27,6 +29,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.name not in LLAMA_CONFIGS:
             raise ValueError(f"name must be one of {sorted(LLAMA_CONFIGS)}, got {self.name!r}")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be ≥ 0 (0: the tokenizer's), got {self.vocab_size}")
 
 
 @dataclass(kw_only=True)

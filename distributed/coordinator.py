@@ -23,7 +23,7 @@ from curvtrain.distributed.metrics import plot_losses, truncate_metrics
 from curvtrain.distributed.ownership import plan_for
 from curvtrain.distributed.trainer import build_model_and_optimizer
 from curvtrain.distributed.worker import TrainWorker
-from curvtrain.models.data import prepare_tokens
+from curvtrain.models.data import model_config, prepare_tokens
 
 
 class RunFailed(RuntimeError):
@@ -89,6 +89,7 @@ class Coordinator:
         resume_from = checkpoint.to_resume(self.run_dir, self.resume)
         if resume_from is not None:
             self.check_checkpoint(resume_from)
+        model_config(self.cfg.model.name, self.cfg.data, self.cfg.model.vocab_size)  # the tokenizer fits the model
         prepare_tokens(self.cfg.data)  # corpus and tokenizer problems surface here, and workers hit the cache
         self.owners = self.ownership_plan()  # builds the optimizer on a meta model: bad ranks/targets fail here
         self.checked, self.resume_from = True, resume_from

@@ -23,8 +23,8 @@ from curvtrain.distributed.config import TrainConfig, save_config
 from curvtrain.distributed.engine import build_engine, param_dtype, zero3_partitioner
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
 from curvtrain.distributed.sharded import OwnerShardedOptimizer
-from curvtrain.models.data import TokenData
-from curvtrain.models.llama import LlamaForCausalLM, build_llama, causal_lm_loss, llama_config
+from curvtrain.models.data import TokenData, model_config
+from curvtrain.models.llama import LlamaForCausalLM, build_llama, causal_lm_loss
 from curvtrain.optim import attach_per_layer_step, build_optimizer, warmup_cosine
 from curvtrain.optim.curvature import gnb_diag, hutchinson_diag
 
@@ -39,7 +39,7 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[L
     device nothing is drawn (the coordinator plans block ownership there).
     """
     place = zero3_partitioner(cfg) if device.type != "meta" else None
-    model = build_llama(llama_config(cfg.model.name), dtype=param_dtype(cfg), device=device, place=place)
+    model = build_llama(model_config(cfg.model.name, cfg.data, cfg.model.vocab_size), dtype=param_dtype(cfg), device=device, place=place)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model, build_optimizer(cfg.optimizer, model.named_parameters())
 
