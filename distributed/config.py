@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from curvtrain.distributed.metrics import WandbConfig
 from curvtrain.models.data import DataConfig
 from curvtrain.models.llama import LLAMA_CONFIGS
 from curvtrain.optim import OptimizerConfig, ScheduleConfig
@@ -111,6 +112,8 @@ class RunConfig:
     """Steps between checkpoints (and at the last step)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Mirror the metrics to Weights & Biases (run.wandb.project names the project)."""
 
     def __post_init__(self):
         for name in ("log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "eval_samples"):

@@ -17,7 +17,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from curvtrain.distributed import checkpoint, placement
+from curvtrain.distributed import checkpoint, placement, progress
 from curvtrain.distributed.config import TrainConfig, save_config
 from curvtrain.distributed.metrics import plot_losses, truncate_metrics
 from curvtrain.distributed.ownership import plan_for
@@ -39,7 +39,7 @@ class WorkerGroup:
 
     def __init__(self, cfg: TrainConfig, *, local: bool):
         w = cfg.workers
-        env = {"DS_ACCELERATOR": "cuda" if w.use_gpu else "cpu"}
+        env = {"DS_ACCELERATOR": "cuda" if w.use_gpu else "cpu", **progress.driver_env()}
         if local:
             env["GLOO_SOCKET_IFNAME"] = "lo"  # a local runtime keeps all traffic on loopback
         self.local = local
