@@ -474,3 +474,26 @@ def test_an_undecodable_file_is_named_or_skipped(tmp_path):
     (tmp_path / "c.jsonl.gz").write_bytes(b"\x1f\x8b\x08 truncated")
     with pytest.raises(ValueError, match=r"corpus file .*c.jsonl.gz cannot be read"):
         list(iter_documents(str(tmp_path)))
+
+
+# ---- a tokenizer trained on the corpus -------------------------------------------------------------
+
+
+def test_a_tokenizer_trained_on_the_corpus_once(tmp_path):
+    from curvtrain.models.data import load_tokenizer, model_config
+
+    cfg = DataConfig(corpus="lee", tokenizer="train:1000", cache_dir=str(tmp_path / "cache"), seq_len=16)
+    tok = load_tokenizer(cfg)
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 1000 and (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.path.parent.parent == tmp_path / "cache" and tok.path.name == "tokenizer.model"
+    doc = next(iter_documents("lee"))
+    assert tok.decode(tok.encode(doc)) == doc and len(tok.encode(doc)) < len(doc) / 2.5  # merges learned
+    mtime = tok.path.stat().st_mtime_ns
+    assert load_tokenizer(cfg).path == tok.path and tok.path.stat().st_mtime_ns == mtime  # trained once
+    tokens = np.fromfile(prepare_tokens(cfg) / "tokens.bin", dtype=np.uint16)
+    assert tokens.max() < 1000 and model_config("tiny", cfg).vocab_size == 1000
+    other = load_tokenizer(DataConfig(corpus="lee", tokenizer="train:800", cache_dir=str(tmp_path / "cache")))
+    assert other.vocab_size == 800 and other.path != tok.path
+    for bad in ("train:", "train:abc", "train:100"):
+        with pytest.raises(ValueError, match=r"train:N needs a vocabulary size N ≥ 320"):
+            DataConfig(tokenizer=bad)

@@ -151,3 +151,18 @@ def test_a_hugging_face_tokenizer_exports_and_generates(tmp_path):
     ids = hf_tok("The quick brown fox", return_tensors="pt")["input_ids"]
     generated = hf_model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_id)
     assert generated.shape[1] > ids.shape[1] and hf_model.config.vocab_size == tok.vocab_size
+
+
+def test_a_tokenizer_trained_on_the_corpus_exports(tmp_path):
+    """data.tokenizer=train:N: the SentencePiece model trained on the corpus exports as the built-in one does."""
+    from curvtrain.models.data import DataConfig, load_tokenizer
+
+    tok = load_tokenizer(DataConfig(corpus="lee", tokenizer="train:1000", cache_dir=str(tmp_path / "cache")))
+    model = tiny_model(vocab_size=1000)
+    out = export_hf(model.state_dict(), model.config, tmp_path / "hf", tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in SENTENCES:
+        assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text), text
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = hf_tok("The quick brown fox", return_tensors="pt")["input_ids"]
+    assert hf_model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]

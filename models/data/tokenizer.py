@@ -2,7 +2,8 @@
 
 A spec is a built-in name, a path to a `.model` file (SentencePiece), or a path to a `tokenizer.json` (or to
 a folder holding one: a Hugging Face model folder; its `tokenizer_config.json`, if present, names the BOS and
-EOS tokens). The default, "mistral-v1", is `mistral_common/data/tokenizer.model.v1` from PyPI mistral-common
+EOS tokens). `train:N` (models.data.tokens) is a SentencePiece BPE of N tokens trained on the corpus
+(`train_sentencepiece`), cached beside the token file. The default, "mistral-v1", is `mistral_common/data/tokenizer.model.v1` from PyPI mistral-common
 (Apache-2.0): a 32,000-token LLaMA-format SentencePiece BPE (byte fallback, BOS=1, EOS=2), so it works offline.
 
 `encode` adds no BOS/EOS, the caller places them; `encode_batch` uses every core this process may run on.
@@ -14,8 +15,10 @@ import hashlib
 import importlib.resources
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import sentencepiece
 
@@ -30,6 +33,41 @@ BUILTIN_TOKENIZERS = {
 # (LLaMA-1/2 and Mistral, GPT-2 and most BPEs, LLaMA-3, Gemma), first match wins.
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
+
+
+TRAIN_PREFIX = "train:"
+# Sentences (lines) a trained tokenizer sees at most, sampled from the corpus by SentencePiece: bounds its memory.
+TRAIN_SENTENCES = 2_000_000
+
+
+def trained_vocab_size(spec: str) -> int | None:
+    """N of a `train:N` spec (ValueError if N is not a usable size), None for any other spec."""
+    if not spec.startswith(TRAIN_PREFIX):
+        return None
+    size = spec.removeprefix(TRAIN_PREFIX)
+    if not size.isdigit() or int(size) < 320:
+        raise ValueError(f"data.tokenizer={spec!r}: train:N needs a vocabulary size N ≥ 320 (256 byte pieces, "
+                         f"BOS, EOS, UNK and merges), e.g. train:4096")
+    return int(size)
+
+
+def train_sentencepiece(lines: Iterable[str], vocab_size: int, out: Path) -> Path:
+    """A LLaMA-format SentencePiece BPE (byte fallback, digits split, no normalization, UNK=0 BOS=1 EOS=2) of `vocab_size` pieces
+    trained on `lines`, written to `out` (a .model file) atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=out.parent))
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=str(tmp / "m"), vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,  # LLaMA's: text kept as it is
+            character_coverage=0.9995, input_sentence_size=TRAIN_SENTENCES, shuffle_input_sentence=True,
+            num_threads=usable_cores(), minloglevel=2)
+        os.replace(tmp / "m.model", out)
+    except RuntimeError as e:
+        raise ValueError(f"training a {vocab_size}-token SentencePiece tokenizer on the corpus failed: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def resolve_tokenizer_path(spec: str) -> Path:

@@ -42,7 +42,8 @@ import torch
 
 from curvtrain.models.data.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_pieces
 from curvtrain.models.data.readers import Piece, ReadOptions
-from curvtrain.models.data.tokenizer import DEFAULT_TOKENIZER, EOS_NAMES, Tokenizer
+from curvtrain.models.data.tokenizer import (DEFAULT_TOKENIZER, EOS_NAMES, Tokenizer, train_sentencepiece,
+                                             trained_vocab_size)
 from curvtrain.models.files import atomic_file
 from curvtrain.models.llama import LlamaConfig, llama_config
 
@@ -60,8 +61,9 @@ class DataConfig:
     """A built-in corpus (models.data.corpus.BUILTIN_CORPORA) or a path to .txt, .jsonl[.gz|.zst], .parquet or
     .arrow files, a folder of them, or a `datasets.save_to_disk` folder (models.data.readers)."""
     tokenizer: str = DEFAULT_TOKENIZER
-    """A built-in tokenizer (models.data.tokenizer.BUILTIN_TOKENIZERS), a SentencePiece .model file, or a
-    Hugging Face tokenizer.json (or a folder holding one)."""
+    """A built-in tokenizer (models.data.tokenizer.BUILTIN_TOKENIZERS), a SentencePiece .model file, a
+    Hugging Face tokenizer.json (or a folder holding one), or `train:N`: a SentencePiece BPE of N tokens
+    trained on the corpus once and cached (for small models, e.g. train:4096)."""
     text_column: str = "text"
     """The field of a JSON-lines record, or the column of a Parquet/Arrow table, that holds the text."""
     encoding: str = "utf-8"
@@ -81,6 +83,7 @@ class DataConfig:
         for name in ("corpus", "tokenizer", "cache_dir", "text_column"):
             if not getattr(self, name):
                 raise ValueError(f"DataConfig.{name} must be a non-empty string")
+        trained_vocab_size(self.tokenizer)  # a malformed train:N fails here
         try:
             codecs.lookup(self.encoding)
         except LookupError:
@@ -101,8 +104,10 @@ class DataConfig:
 
 
 def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """cfg.tokenizer, checked to have the EOS token the token file separates documents with."""
-    tokenizer = Tokenizer.load(cfg.tokenizer)
+    """cfg.tokenizer (trained on the corpus first, for train:N), checked to have the EOS token the token file
+    separates documents with."""
+    vocab_size = trained_vocab_size(cfg.tokenizer)
+    tokenizer = Tokenizer.load(cfg.tokenizer if vocab_size is None else str(_trained_tokenizer(cfg, vocab_size)))
     if tokenizer.eos_id is None:
         raise ValueError(
             f"data.tokenizer={cfg.tokenizer!r} has no end-of-sequence token (eos_id=None; a SentencePiece model "
@@ -110,6 +115,22 @@ def load_tokenizer(cfg: DataConfig) -> Tokenizer:
             f"tokenizer_config.json eos_token): the token file needs one after every document"
         )
     return tokenizer
+
+
+def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> Path:
+    """<cache_dir>/tokenizer-<key>/tokenizer.model, trained on the corpus unless there already; key = hash(format
+    version, corpus fingerprint, how the files are read, vocab_size, sentencepiece version)."""
+    import sentencepiece
+
+    opts = cfg.read_options
+    payload = json.dumps([FORMAT_VERSION, corpus_fingerprint(cfg.corpus), opts.text_column, opts.encoding,
+                          opts.skip_undecodable, vocab_size, sentencepiece.__version__]).encode()
+    path = Path(cfg.cache_dir).expanduser() / f"tokenizer-{hashlib.sha256(payload).hexdigest()[:16]}" / "tokenizer.model"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = (line for text, _ in iter_pieces(cfg.corpus, opts) for line in text.split("\n") if line.strip())
+        train_sentencepiece(lines, vocab_size, path)
+    return path
 
 
 def model_config(name: str, data: DataConfig, vocab_size: int = 0) -> LlamaConfig:
