@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def test_pretrain_then_export_from_the_command_line(tmp_path):
     assert f"metrics:     {run_dir / 'metrics.jsonl'}" in result.stdout and "loss.png" in result.stdout
     # output to a pipe, not a terminal: one plain line per progress update (4 steps: every step), each once
     output = result.stdout + result.stderr
-    progress = [line.split(") ", 1)[-1].split(",")[0] for line in output.splitlines() if "train: step" in line]
+    progress = [m.group() for line in output.splitlines() if (m := re.search(r"train: step [^,]*", line))]
     assert progress == [f"train: step {i}/4 ({25 * i}%)" for i in range(1, 5)], output[-3000:]
     assert "\r" not in output and "__ray_tqdm_magic_token__" not in output
     assert (run_dir / "loss.png").is_file() and (run_dir / "config.yaml").is_file()

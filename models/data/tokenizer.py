@@ -37,7 +37,7 @@ BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>")
 
 TRAIN_PREFIX = "train:"
 # Sentences (lines) a trained tokenizer sees at most, sampled from the corpus by SentencePiece: bounds its memory.
-TRAIN_SENTENCES = 2_000_000
+TRAIN_SENTENCES = 300_000
 
 
 def trained_vocab_size(spec: str) -> int | None:
