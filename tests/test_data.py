@@ -389,7 +389,9 @@ def test_parquet_arrow_and_compressed_jsonl_give_the_same_documents(tmp_path):
         w.write_table(table)
     lines = "".join(json.dumps({"content": d}) + "\n" for d in DOCS).encode()
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(lines))
-    (tmp_path / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    half = len(lines) // 2  # two zstd frames, as concatenating tools write them
+    (tmp_path / "e.jsonl.zst").write_bytes(b"".join(zstandard.ZstdCompressor().compress(part)
+                                                    for part in (lines[:half], lines[half:])))
     opts = ReadOptions(text_column="content")
     for name in ("a.parquet", "b.arrow", "c.arrow", "d.jsonl.gz", "e.jsonl.zst"):
         assert list(iter_documents(str(tmp_path / name), opts)) == DOCS, name
@@ -473,6 +475,10 @@ def test_an_undecodable_file_is_named_or_skipped(tmp_path):
     (tmp_path / "b.txt").unlink()
     (tmp_path / "c.jsonl.gz").write_bytes(b"\x1f\x8b\x08 truncated")
     with pytest.raises(ValueError, match=r"corpus file .*c.jsonl.gz cannot be read"):
+        list(iter_documents(str(tmp_path)))
+    (tmp_path / "c.jsonl.gz").unlink()
+    (tmp_path / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd truncated")
+    with pytest.raises(ValueError, match=r"corpus file .*d.jsonl.zst cannot be read"):
         list(iter_documents(str(tmp_path)))
 
 

@@ -2,8 +2,9 @@
 
   .txt                      one document per file
   .jsonl .jsonl.gz .jsonl.zst   one JSON object per line; its `text_column` field is a document
-  .parquet .arrow           a table's `text_column` (string) column, one document per row; `.arrow` is Arrow's
-                            IPC stream or file format, as `datasets.save_to_disk` writes it
+  .parquet .arrow           a table's `text_column` (string) column, one document per row, read a record batch
+                            at a time (Parquet: within a row group); `.arrow` is Arrow's IPC stream or file
+                            format, as `datasets.save_to_disk` writes it
 A directory is searched recursively, in sorted path order; a `datasets.save_to_disk` DatasetDict folder
 (dataset_dict.json) is read through its `train` split.
 
@@ -93,8 +94,16 @@ def read_file(path: Path, opts: ReadOptions) -> Iterator[Piece]:
         raise CorpusError(f"corpus file {path}: {_decode_problem(e, opts.encoding)}: set data.encoding to the "
                           f"file's encoding, or data.skip_undecodable=true to leave such files out with a "
                           f"warning") from None
-    except (EOFError, OSError) as e:  # a truncated or corrupt .gz / .zst
+    except (EOFError, OSError, *_zstd_errors()) as e:  # a truncated or corrupt .gz / .zst
         raise CorpusError(f"corpus file {path} cannot be read: {e}") from None
+
+
+def _zstd_errors() -> tuple[type[Exception], ...]:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
 
 
 def _open_text(path: Path, encoding: str) -> TextIO:
@@ -105,8 +114,8 @@ def _open_text(path: Path, encoding: str) -> TextIO:
             import zstandard
         except ImportError:
             raise CorpusError(f"corpus file {path} is zstd-compressed: pip install zstandard") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True),
-                                encoding=encoding, newline="")
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True, read_across_frames=True)
+        return io.TextIOWrapper(reader, encoding=encoding, newline="")
     return open(path, encoding=encoding, newline="")
 
 
