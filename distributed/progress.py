@@ -24,14 +24,19 @@ def driver_env() -> dict[str, str]:
 
 
 class PlainProgress:
-    """tqdm's update/close, printing `desc: step n/total (p%), r unit/s` lines: every ceil(total /
-    PLAIN_UPDATES) units, after PLAIN_INTERVAL_S without a line, and at the end."""
+    """tqdm's update/set_postfix/close, printing `desc: step n/total (p%), r unit/s[, postfix]` lines: every
+    ceil(total / PLAIN_UPDATES) units, after PLAIN_INTERVAL_S without a line, and at the end."""
 
     def __init__(self, initial: int, total: int, desc: str, unit: str):
         self.n, self.total, self.desc, self.unit = initial, total, desc, unit
         self.every = max(1, math.ceil(total / PLAIN_UPDATES))
         self.start = self.last_time = time.monotonic()
         self.initial = self.last_n = initial
+        self.postfix = ""
+
+    def set_postfix(self, values: dict) -> None:
+        """Shown on the following lines (set it before the update it belongs to)."""
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -46,7 +51,7 @@ class PlainProgress:
     def _print(self, now: float) -> None:
         rate = (self.n - self.initial) / max(now - self.start, 1e-9)
         print(f"{self.desc}: {self.unit} {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%), "
-              f"{rate:.2f} {self.unit}/s", flush=True)
+              f"{rate:.2f} {self.unit}/s{self.postfix}", flush=True)
         self.last_n, self.last_time = self.n, now
 
 

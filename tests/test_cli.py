@@ -233,3 +233,22 @@ def test_pretrain_and_export_take_the_vocabulary_of_a_hugging_face_tokenizer(tmp
     out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=hf_tok.eos_token_id)
     assert out.shape[1] > ids.shape[1]
     assert isinstance(hf_tok.decode(out[0]), str)
+
+
+def test_plain_progress_prints_one_line_per_tenth(capsys):
+    """Where output is not a terminal, progress is ten plain lines a run (and the postfix set before each)."""
+    from curvtrain.distributed.progress import PlainProgress
+
+    bar = PlainProgress(initial=0, total=95, desc="federate fedavg", unit="round")
+    for i in range(95):
+        bar.set_postfix({"test_loss": f"{i:.1f}"})
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"federate fedavg: round {n}/95 ({100 * n / 95:.0f}%)"
+                                                       for n in (*range(10, 95, 10), 95)]
+    assert lines[-1].endswith("round/s, test_loss=94.0")
+    resumed = PlainProgress(initial=40, total=50, desc="train", unit="step")
+    resumed.update(5)
+    resumed.close()
+    assert capsys.readouterr().out.splitlines()[0].startswith("train: step 45/50 (90%)")

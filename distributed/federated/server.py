@@ -112,8 +112,8 @@ class FederatedServer:
                 record["elapsed_s"] = time.perf_counter() - start
                 logger.log(record)
                 summary.update(record)
-                bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("test_loss", "test_accuracy") if k in record})
+                bar.update(1)
                 if self.round % self.cfg.run.checkpoint_interval == 0 or self.round == self.cfg.run.rounds:
                     self.save_checkpoint(len(pool))
         finally:
