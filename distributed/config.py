@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from curvtrain.distributed.distributor import distributor_for
+from curvtrain.distributed.metrics import WandbConfig
 from curvtrain.models.data import DataConfig
 from curvtrain.models.llama import LLAMA_CONFIGS
 from curvtrain.optim import OptimizerConfig, ScheduleConfig
@@ -20,6 +21,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 class ModelConfig:
     name: str = "20m"
     """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b)."""
+    vocab_size: int = 0
+    """Rows of the embedding and output head; 0 takes the vocabulary of data.tokenizer (a larger value pads it)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs ~30% more compute)."""
     compile: bool = False
@@ -28,6 +31,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.name not in LLAMA_CONFIGS:
             raise ValueError(f"name must be one of {sorted(LLAMA_CONFIGS)}, got {self.name!r}")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be ≥ 0 (0: the tokenizer's), got {self.vocab_size}")
 
 
 @dataclass(kw_only=True)
@@ -107,6 +112,8 @@ class CheckpointedRunConfig:
     """Steps (rounds) between checkpoints, and at the last one."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in RUN_DIR/checkpoints; older ones are deleted."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Mirror the metrics to Weights & Biases (run.wandb.project names the project)."""
 
     def __post_init__(self):
         for name in ("eval_interval", "checkpoint_interval", "keep_checkpoints"):

@@ -17,14 +17,14 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from curvtrain.distributed import checkpoint, placement
+from curvtrain.distributed import checkpoint, placement, progress
 from curvtrain.distributed.config import TrainConfig, config_to_dict, save_config
 from curvtrain.distributed.health import Diverged
 from curvtrain.distributed.metrics import plot_losses, truncate_metrics
 from curvtrain.distributed.distributor import distributor_for
 from curvtrain.distributed.engine import build_model_and_optimizer
 from curvtrain.distributed.worker import TrainWorker
-from curvtrain.models.data import prepare_tokens
+from curvtrain.models.data import model_config, prepare_tokens
 
 
 class RunFailed(RuntimeError):
@@ -40,7 +40,7 @@ class WorkerGroup:
 
     def __init__(self, cfg: TrainConfig, *, local: bool):
         w = cfg.workers
-        env = {"DS_ACCELERATOR": "cuda" if w.use_gpu else "cpu"}
+        env = {"DS_ACCELERATOR": "cuda" if w.use_gpu else "cpu", **progress.driver_env()}
         if local:
             env["GLOO_SOCKET_IFNAME"] = "lo"  # a local runtime keeps all traffic on loopback
         self.local = local
@@ -92,6 +92,7 @@ class Coordinator:
         resume_from = checkpoint.to_resume(self.run_dir, self.resume)
         if resume_from is not None:
             self.check_checkpoint(resume_from)
+        model_config(self.cfg.model.name, self.cfg.data, self.cfg.model.vocab_size)  # the tokenizer fits the model
         prepare_tokens(self.cfg.data)  # corpus and tokenizer problems surface here, and workers hit the cache
         self.owners = self.ownership_plan()  # builds the optimizer on a meta model: bad ranks/targets fail here
         self.checked, self.resume_from = True, resume_from

@@ -8,7 +8,8 @@ import torch
 
 from curvtrain.distributed.config import TrainConfig
 from curvtrain.distributed.distributor import Distributor, distributor_for
-from curvtrain.models.llama import LlamaForCausalLM, build_llama, llama_config
+from curvtrain.models.data import model_config
+from curvtrain.models.llama import LlamaForCausalLM, build_llama
 from curvtrain.optim import build_optimizer
 
 
@@ -40,7 +41,7 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[L
     device nothing is drawn (the coordinator plans block ownership there).
     """
     place = zero3_partitioner(cfg) if device.type != "meta" else None
-    model = build_llama(llama_config(cfg.model.name), dtype=param_dtype(cfg), device=device, place=place)
+    model = build_llama(model_config(cfg.model.name, cfg.data, cfg.model.vocab_size), dtype=param_dtype(cfg), device=device, place=place)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
     return model, build_optimizer(cfg.optimizer, model.named_parameters())
 

@@ -36,22 +36,13 @@ def refuse_nonfinite(ckpt_dir: Path, state: dict[str, torch.Tensor]) -> None:
 
 def export_checkpoint(ckpt_dir: Path, cfg: TrainConfig, out_dir: Path) -> Path:
     """Write model.safetensors + config.json + tokenizer files that `LlamaForCausalLM.from_pretrained` reads."""
+    from curvtrain.models.data import load_tokenizer, model_config
     from curvtrain.models.hf import export_hf
-    from curvtrain.models.llama import llama_config
-    from curvtrain.models.tokenizer import Tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export target {out_dir} exists and is not empty")
-    tokenizer = Tokenizer.load(cfg.data.tokenizer)
     state = consolidated_state_dict(ckpt_dir)
     refuse_nonfinite(ckpt_dir, state)
-    export_hf(
-        state,
-        llama_config(cfg.model.name),
-        out_dir,
-        tokenizer_model=tokenizer.model_path,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-    )
+    export_hf(state, model_config(cfg.model.name, cfg.data, cfg.model.vocab_size), out_dir, tokenizer=load_tokenizer(cfg.data))
     return out_dir

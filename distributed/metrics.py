@@ -1,14 +1,37 @@
-"""One metrics interface: JSONL (the record of truth) + TensorBoard, and the loss plot of a run."""
+"""One metrics interface: JSONL (the record of truth) + TensorBoard (+ Weights & Biases where asked), and
+the loss plot of a run."""
 from __future__ import annotations
 
 import json
 import math
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 from curvtrain.models.files import write_text_atomic
 
 METRICS = "metrics.jsonl"
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """An optional Weights & Biases run mirroring the metrics (pip install 'curvtrain[wandb]')."""
+
+    project: str = ""
+    """The W&B project; empty: no W&B logging."""
+    mode: str = "online"
+    """"online" (to the W&B server), "offline" (files in RUN_DIR/wandb, `wandb sync` uploads them later)."""
+    entity: str = ""
+    """The W&B user or team; empty: the logged-in user's default."""
+
+    def __post_init__(self):
+        if self.mode not in ("online", "offline"):
+            raise ValueError(f"mode must be 'online' or 'offline', got {self.mode!r}")
+        if self.project:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ValueError("run.wandb.project is set but wandb is not installed: pip install 'curvtrain[wandb]'") from None
 
 
 class MetricsLogger:
@@ -17,25 +40,38 @@ class MetricsLogger:
 
     `start_step` is the step the run continues from (0, or a checkpoint's): metrics.jsonl was truncated
     there (`truncate_metrics`), and TensorBoard is told to purge its events after it (purge_step), so a
-    resumed or restarted run shows each step once."""
+    resumed or restarted run shows each step once.
 
-    def __init__(self, run_dir: Path, start_step: int = 0, step_key: str = "step"):
+    With `wandb.project` set, scalars also go to a W&B run in RUN_DIR/wandb named after the run directory."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0, step_key: str = "step", wandb: WandbConfig | None = None,
+                 config: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.step_key = step_key
         self.path = Path(run_dir) / METRICS
         self.file = open(self.path, "a", buffering=1)
         self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+        self.wandb = None
+        if wandb is not None and wandb.project:
+            import wandb as wb
+
+            self.wandb = wb.init(project=wandb.project, entity=wandb.entity or None, mode=wandb.mode,
+                                 dir=str(run_dir), name=Path(run_dir).name, config=config)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(finite_or_none(record)) + "\n")  # NaN and inf as null: metrics.jsonl stays JSON
-        for key, value in record.items():
-            if key != self.step_key and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record[self.step_key])
+        scalars = {k: v for k, v in record.items() if k != self.step_key and isinstance(v, (int, float))}
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, record[self.step_key])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record[self.step_key])
 
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def finite_or_none(record: dict) -> dict:

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvtrain.distributed.checkpointer import Checkpointer
-from curvtrain.distributed.config import TrainConfig
+from curvtrain.distributed.config import TrainConfig, config_to_dict
 from curvtrain.distributed.distributor import StepClosure, build_distributor
 from curvtrain.distributed.engine import build_engine, build_model_and_optimizer
 from curvtrain.distributed.health import Diverged, Health
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
+from curvtrain.distributed.progress import progress_bar
 from curvtrain.distributed.validator import Validator
 from curvtrain.models.data import TokenData
 from curvtrain.models.llama import causal_lm_loss
@@ -184,8 +185,9 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> dict:
         run, max_steps = self.cfg.run, self.cfg.schedule.max_steps
-        progress = _progress_bar(self.step, max_steps) if self.rank == 0 else None
-        self.logger = MetricsLogger(self.run_dir, start_step=self.step) if self.rank == 0 else None
+        progress = progress_bar(self.step, max_steps) if self.rank == 0 else None
+        self.logger = MetricsLogger(self.run_dir, start_step=self.step, wandb=self.cfg.run.wandb,
+                                    config=config_to_dict(self.cfg)) if self.rank == 0 else None
         summary: dict = {}
         start, start_tokens = time.perf_counter(), self.tokens
         while self.step < max_steps:
@@ -227,19 +229,3 @@ class Trainer:
             progress.close()
         return summary
 
-
-def _progress_bar(initial: int, total: int):
-    """A progress bar that the Ray driver renders (tqdm_ray), or plain tqdm outside Ray."""
-    try:
-        import ray
-        from ray.experimental import tqdm_ray
-
-        if ray.is_initialized():
-            bar = tqdm_ray.tqdm(total=total, desc="train", unit="step")
-            bar.update(initial)
-            return bar
-    except ImportError:
-        pass
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step")

@@ -6,13 +6,14 @@ Our parameter names are HF's already, so export is checking shapes and writing f
       model.safetensors          the state dict, as is
       config.json                read by transformers.LlamaConfig (4.x and 5.x)
       generation_config.json
-      tokenizer.model            the SentencePiece model the corpus was encoded with
-      tokenizer.json             the same tokenizer for the `tokenizers` library, built here (see _tokenizer_json)
+      tokenizer.model            a SentencePiece tokenizer's model, as the corpus was encoded with it
+      tokenizer.json             a `tokenizers` tokenizer: a Hugging Face tokenizer's own file, copied; for a
+                                 SentencePiece model the same tokenizer, built here (see _tokenizer_json)
       tokenizer_config.json, special_tokens_map.json
 
-`transformers.AutoTokenizer.from_pretrained(out_dir)` then encodes text to the ids raw SentencePiece gives
-(`[bos] + sp.encode(text)`), leading spaces, digits and byte fallback included; only text spelling a special
-token ("<s>") differs, as HF reads it as that token. The files need no transformers to write.
+`transformers.AutoTokenizer.from_pretrained(out_dir)` then encodes text to the ids the tokenizer gives; for
+SentencePiece, `[bos] + sp.encode(text)`, leading spaces, digits and byte fallback included; only text spelling a
+special token ("<s>") differs, as HF reads it as that token. The files need no transformers to write.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import sentencepiece
 import torch
 from safetensors.torch import save_file
 
+from curvtrain.models.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from curvtrain.models.llama import LlamaConfig
 
 
-def hf_config_dict(cfg: LlamaConfig, *, bos_token_id: int, eos_token_id: int, torch_dtype: str = "float32") -> dict:
+def hf_config_dict(cfg: LlamaConfig, *, bos_token_id: int | None, eos_token_id: int, torch_dtype: str = "float32") -> dict:
     """config.json for `transformers.LlamaForCausalLM`: the shapes of `cfg` plus LLaMA's fixed choices."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -63,22 +65,21 @@ def hf_config_dict(cfg: LlamaConfig, *, bos_token_id: int, eos_token_id: int, to
 
 
 def export_hf(state_dict: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: str | Path, *,
-              tokenizer_model: str | Path, bos_token_id: int = 1, eos_token_id: int = 2) -> Path:
-    """Write `state_dict` (of `LlamaForCausalLM(cfg)`) and the tokenizer as an HF checkpoint folder `out_dir`.
+              tokenizer: Tokenizer) -> Path:
+    """Write `state_dict` (of `LlamaForCausalLM(cfg)`) and `tokenizer` as an HF checkpoint folder `out_dir`.
 
     Refuses (ValueError) a state dict whose keys or shapes are not those of `cfg`, a tokenizer larger than the
-    vocabulary, and (FileExistsError) a non-empty `out_dir`. Files are written into a temporary folder beside
-    `out_dir` that is renamed at the end, so a failed export leaves no `out_dir` behind.
+    vocabulary or without EOS, and (FileExistsError) a non-empty `out_dir`. Files are written into a temporary
+    folder beside `out_dir` that is renamed at the end, so a failed export leaves no `out_dir` behind.
     """
     out_dir = Path(out_dir)
     _check_state_dict(state_dict, cfg)
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_model))
-    if sp.vocab_size() > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_model} has {sp.vocab_size()} pieces, more than the model's "
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size {cfg.vocab_size}")
-    for name, token_id in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
-        if not 0 <= token_id < sp.vocab_size():
-            raise ValueError(f"{name} {token_id} is not an id of tokenizer {tokenizer_model}")
+    if tokenizer.eos_id is None:
+        raise ValueError(f"tokenizer {tokenizer.path} has no EOS token, which generation stops at")
+    bos_token_id, eos_token_id = tokenizer.bos_id, tokenizer.eos_id
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
 
@@ -98,10 +99,16 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: st
         _write_json(tmp / "config.json", hf_config_dict(cfg, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                                                         torch_dtype=dtype))
         _write_json(tmp / "generation_config.json", {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id})
-        shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
-        _write_json(tmp / "tokenizer.json", _tokenizer_json(sp, bos_token_id))
-        special = {"bos_token": sp.id_to_piece(bos_token_id), "eos_token": sp.id_to_piece(eos_token_id),
-                   "unk_token": sp.id_to_piece(sp.unk_id())}
+        special = {"bos_token": tokenizer.token(bos_token_id) if bos_token_id is not None else None,
+                   "eos_token": tokenizer.token(eos_token_id)}
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            sp = tokenizer.processor
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+            _write_json(tmp / "tokenizer.json", _tokenizer_json(sp, bos_token_id))
+            special["unk_token"] = sp.id_to_piece(sp.unk_id())
+        else:  # a tokenizer.json already: its own post-processor decides about BOS
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+        special = {k: v for k, v in special.items() if v is not None}
         _write_json(tmp / "special_tokens_map.json", special)
         _write_json(tmp / "tokenizer_config.json", {
             # Not "LlamaTokenizer": transformers 5 rebuilds that class's pipeline from scratch, dropping
@@ -109,7 +116,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], cfg: LlamaConfig, out_dir: st
             # space, where SentencePiece does); the generic class loads tokenizer.json as written, in 4.x and 5.x.
             "tokenizer_class": "PreTrainedTokenizerFast",
             **special,
-            "add_bos_token": True,
+            "add_bos_token": isinstance(tokenizer, SentencePieceTokenizer) and bos_token_id is not None,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": cfg.max_position_embeddings,
@@ -149,7 +156,7 @@ def _check_state_dict(state_dict: dict[str, torch.Tensor], cfg: LlamaConfig) -> 
         raise ValueError("state dict does not match the LlamaConfig: " + "; ".join(problems))
 
 
-def _tokenizer_json(sp: sentencepiece.SentencePieceProcessor, bos_token_id: int) -> dict:
+def _tokenizer_json(sp: sentencepiece.SentencePieceProcessor, bos_token_id: int | None) -> dict:
     """A `tokenizers` BPE equivalent to SentencePiece BPE model `sp`, with `bos_token_id` prepended.
 
     SentencePiece BPE merges, at each step, the adjacent pair whose union has the highest score; `tokenizers` BPE
@@ -170,7 +177,7 @@ def _tokenizer_json(sp: sentencepiece.SentencePieceProcessor, bos_token_id: int)
                    if piece[:k] in vocab and piece[k:] in vocab]
     # Ties (the whitespace runs) go to the longer left part, so runs of spaces merge left to right as in SP.
     merges.sort(key=lambda m: (-m[2], -len(m[0]), -len(m[1]), vocab[m[0]], vocab[m[1]]))
-    bos = sp.id_to_piece(bos_token_id)
+    bos = sp.id_to_piece(bos_token_id) if bos_token_id is not None else None
     return {
         "version": "1.0",
         "truncation": None,
@@ -182,7 +189,7 @@ def _tokenizer_json(sp: sentencepiece.SentencePieceProcessor, bos_token_id: int)
             {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
         ]},
         "pre_tokenizer": None,
-        "post_processor": {
+        "post_processor": None if bos is None else {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,8 @@ def snapshot(folder: Path) -> dict[str, str]:
      "rank 64 must be < min(m, n) = 64"),
     (["--set", "optimizer.name=gradnorm_lorp", "--set", "engine.zero_stage=0", "--set", "optimizer.lowrank.targets=nothing$"],
      "nothing$"),
+    (["--set", "model.vocab_size=1000"],
+     "model.vocab_size=1000 is smaller than the vocabulary of data.tokenizer='mistral-v1' (32000 tokens)"),
 ])
 def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
     out = tmp_path / "run"
@@ -49,6 +52,19 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_tokenizer_without_eos_is_refused_before_ray_starts(tmp_path):
+    from test_data import word_tokenizer
+
+    no_eos = word_tokenizer(tmp_path / "words", 100, eos=None)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(out), "--set", f"data.tokenizer={no_eos}",
+                       "--set", f"data.cache_dir={cache}")
+    assert result.returncode == 2, result.stderr
+    assert f"data.tokenizer='{no_eos}' has no end-of-sequence token (eos_id=None" in result.stderr
+    assert "Traceback" not in result.stderr and "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not out.exists() and not cache.exists()
 
 
 def test_failure_during_the_run_exits_1_and_the_run_resumes(tmp_path):
@@ -168,6 +184,11 @@ def test_pretrain_then_export_from_the_command_line(tmp_path):
     result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--set", "schedule.max_steps=4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"metrics:     {run_dir / 'metrics.jsonl'}" in result.stdout and "loss.png" in result.stdout
+    # output to a pipe, not a terminal: one plain line per progress update (4 steps: every step), each once
+    output = result.stdout + result.stderr
+    progress = [m.group() for line in output.splitlines() if (m := re.search(r"train: step [^,]*", line))]
+    assert progress == [f"train: step {i}/4 ({25 * i}%)" for i in range(1, 5)], output[-3000:]
+    assert "\r" not in output and "__ray_tqdm_magic_token__" not in output
     assert (run_dir / "loss.png").is_file() and (run_dir / "config.yaml").is_file()
 
     result = curvtrain("export", str(run_dir), str(hf_dir))
@@ -191,3 +212,46 @@ def test_export_round_trip_from_every_layout(runs, tmp_path, stage):
     assert (hf_logits(tmp_path / "hf", ids) - ours).abs().max() <= 1e-4
     untrained = our_logits(LlamaForCausalLM(llama_config("tiny")).state_dict(), "tiny", ids)
     assert (ours - untrained).abs().max() > 1e-2  # the weights are the trained ones
+
+
+def test_pretrain_and_export_take_the_vocabulary_of_a_hugging_face_tokenizer(tmp_path):
+    """A tokenizer.json trained in the test (300 tokens): the model pretrains with 300 embedding rows, and the
+    export loads in transformers with that tokenizer and generates."""
+    transformers = pytest.importorskip("transformers")
+    from test_data import train_bpe
+
+    tokenizer = train_bpe(tmp_path / "bpe", vocab_size=300)
+    run_dir, hf_dir = tmp_path / "run", tmp_path / "hf"
+    result = curvtrain("pretrain", "--config", str(CONFIG), "--out", str(run_dir), "--set", "schedule.max_steps=2",
+                       "--set", f"data.tokenizer={tokenizer}", "--set", f"data.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = consolidated_state_dict(run_dir / "checkpoints" / "step_00000002")
+    assert state["model.embed_tokens.weight"].shape[0] == state["lm_head.weight"].shape[0] == 300
+    assert curvtrain("export", str(run_dir), str(hf_dir)).returncode == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert model.config.vocab_size == 300 and hf_tok.eos_token == "<|endoftext|>"
+    ids = hf_tok("The quick brown fox", return_tensors="pt")["input_ids"]
+    assert ids.max() < 300
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=hf_tok.eos_token_id)
+    assert out.shape[1] > ids.shape[1]
+    assert isinstance(hf_tok.decode(out[0]), str)
+
+
+def test_plain_progress_prints_one_line_per_tenth(capsys):
+    """Where output is not a terminal, progress is ten plain lines a run (and the postfix set before each)."""
+    from curvtrain.distributed.progress import PlainProgress
+
+    bar = PlainProgress(initial=0, total=95, desc="federate fedavg", unit="round")
+    for i in range(95):
+        bar.set_postfix({"test_loss": f"{i:.1f}"})
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"federate fedavg: round {n}/95 ({100 * n / 95:.0f}%)"
+                                                       for n in (*range(10, 95, 10), 95)]
+    assert lines[-1].endswith("round/s, test_loss=94.0")
+    resumed = PlainProgress(initial=40, total=50, desc="train", unit="step")
+    resumed.update(5)
+    resumed.close()
+    assert capsys.readouterr().out.splitlines()[0].startswith("train: step 45/50 (90%)")

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import CONFIG
+from test_federated import make_npz
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.metrics import read_metrics
 from curvtrain.launcher.cluster import local_auth_env
@@ -218,10 +219,13 @@ def test_job_runs_ranks_on_both_nodes_and_seals_its_checkpoint(cluster, tmp_path
 @pytest.mark.slow
 def test_federated_job_runs_client_actors_on_both_nodes(cluster, tmp_path):
     """`curvtrain federate` as a cluster job: pool.num_actors=0 starts one client actor per CPU slot of the
-    whole cluster (2 nodes × 2 CPUs), so actors run on both nodes; the run seals its checkpoint."""
+    whole cluster (2 nodes × 2 CPUs), so actors run on both nodes; the run seals its checkpoint. The data is a
+    .npz the test generates, so the test needs no Fashion-MNIST (Debian's dataset-fashion-mnist)."""
     out = tmp_path / "fed"
+    npz = make_npz(tmp_path / "blobs.npz")
     result = subprocess.run([FEDERATE, f"127.0.0.1:{cluster.dashboard}", ROOT / "configs" / "fed-smoke.yaml", out,
-                             "--set", "pool.num_actors=0", "--set", "run.rounds=2", "--set", "run.eval_interval=2",
+                             "--set", "data.name=npz", "--set", f"data.path={npz}", "--set", "data.partition=iid",
+                             "--set", "model.name=mlp", "--set", "model.hidden=16", "--set", "pool.num_actors=0", "--set", "run.rounds=2", "--set", "run.eval_interval=2",
                              "--set", "run.checkpoint_interval=2"],
                             cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

@@ -42,6 +42,7 @@ from curvtrain.distributed.federated.pool import ActorPool
 from curvtrain.distributed.federated.store import ClientStateStore
 from curvtrain.distributed.federated.workload import build_workload
 from curvtrain.distributed.metrics import MetricsLogger, plot_series, truncate_metrics
+from curvtrain.distributed.progress import progress_bar
 
 log = logging.getLogger("curvtrain.federated")
 
@@ -102,9 +103,7 @@ class FederatedServer:
         checkpoint.remove_unsealed(self.ckpt_root)
         pool = ActorPool(self.cfg, self.num_actors())
         logger = MetricsLogger(self.run_dir, start_step=self.round, step_key="round")
-        from tqdm import tqdm
-
-        bar = tqdm(total=self.cfg.run.rounds, initial=self.round, desc=f"federate {self.cfg.algorithm.name}", unit="round")
+        bar = progress_bar(self.round, self.cfg.run.rounds, desc=f"federate {self.cfg.algorithm.name}", unit="round")
         start, summary = time.perf_counter(), {}
         try:
             (self.run_dir / "workers.json").write_text(json.dumps(pool.describe()))
@@ -113,8 +112,8 @@ class FederatedServer:
                 record["elapsed_s"] = time.perf_counter() - start
                 logger.log(record)
                 summary.update(record)
-                bar.update(1)
                 bar.set_postfix({k: f"{record[k]:.4f}" for k in ("test_loss", "test_accuracy") if k in record})
+                bar.update(1)
                 if self.round % self.cfg.run.checkpoint_interval == 0 or self.round == self.cfg.run.rounds:
                     self.save_checkpoint(len(pool))
         finally:

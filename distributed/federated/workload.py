@@ -19,9 +19,9 @@ from torch import nn
 
 from curvtrain.distributed.federated import partition
 from curvtrain.distributed.federated.config import FederatedConfig
-from curvtrain.models.data import TokenData, prepare_tokens
+from curvtrain.models.data import TokenData, model_config, prepare_tokens
 from curvtrain.models.datasets import LOADERS, DataError
-from curvtrain.models.llama import LlamaForCausalLM, llama_config
+from curvtrain.models.llama import LlamaForCausalLM
 from curvtrain.models.vision import VISION_MODELS
 
 EVAL_BATCH = 1000  # classification test samples per forward pass
@@ -84,7 +84,6 @@ class TextWorkload:
         token_dir = prepare_tokens(text)
         meta = json.loads((token_dir / "meta.json").read_text())
         self.tokens = TokenData(token_dir, text.seq_len, text.val_fraction, text.seed)
-        self.vocab_size = meta["vocab_size"]
         # document runs of the training region: document j spans [starts[j], ends[j]) (its EOS included)
         region = self.tokens.train_tokens
         ends = np.flatnonzero(np.asarray(region) == meta["eos_id"]) + 1
@@ -105,7 +104,7 @@ class TextWorkload:
             self.spans.append((first, chunks))
 
     def build_model(self) -> nn.Module:
-        return LlamaForCausalLM(llama_config(self.cfg.model.llama, vocab_size=self.vocab_size))
+        return LlamaForCausalLM(model_config(self.cfg.model.llama, self.cfg.data.text))
 
     def client_batches(self, client: int, round_: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         local = self.cfg.local

@@ -1,8 +1,12 @@
 """Training data: a corpus tokenized once into a cached token file, and a deterministic sampling rule.
 
-The token file `<cache_dir>/<key>/tokens.bin` holds uint16 tokens, every document followed by EOS (no BOS:
-EOS alone separates documents), beside `meta.json`; key = hash(format version, corpus fingerprint,
-tokenizer file sha256), so a changed corpus or tokenizer gets a fresh file.
+The token file `<cache_dir>/<key>/tokens.bin` holds uint16 tokens (uint32 where the vocabulary exceeds
+65,536; meta.json's "dtype" says which), every document followed by EOS (no BOS: EOS alone separates
+documents), beside `meta.json`; key = hash(format version, corpus fingerprint, how the files are read,
+tokenizer file sha256), so a changed corpus or tokenizer gets a fresh file. The corpus is read and encoded in
+pieces of bounded size (`readers.PIECE_CHARS` characters, batches of ENCODE_BATCH_CHARS) and written as it
+comes, so memory stays bounded whatever the corpus size; a document longer than one piece is encoded piece
+by piece, cut at line boundaries.
 
 The stream of N tokens is split into a training region and, from its END, a validation region of
 floor(N * val_fraction) tokens; they share no token. Each region is cut into chunks of seq_len + 1 tokens
@@ -25,8 +29,8 @@ disjoint chunks, and 1 worker with grad_accum=2 sees the same global batch as 2 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,15 +40,17 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from curvtrain.models.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_documents
+from curvtrain.models.data.corpus import DEFAULT_CORPUS, corpus_fingerprint, iter_pieces
+from curvtrain.models.data.readers import Piece, ReadOptions
+from curvtrain.models.data.tokenizer import (DEFAULT_TOKENIZER, EOS_NAMES, Tokenizer, train_sentencepiece,
+                                             trained_vocab_size)
 from curvtrain.models.files import atomic_file
-from curvtrain.models.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from curvtrain.models.llama import LlamaConfig, llama_config
 
 # Bump when the token file layout (dtype, document separators) changes, so caches are rebuilt.
-FORMAT_VERSION = 1
-TOKEN_DTYPE = np.uint16
-# Documents per sentencepiece call: enough to keep every core busy, few enough to bound memory.
-ENCODE_BATCH_DOCS = 64
+FORMAT_VERSION = 2
+# Characters of text per batched encoding call: enough to keep every core busy, few enough to bound memory.
+ENCODE_BATCH_CHARS = 4 << 20
 
 
 @dataclass(kw_only=True)
@@ -52,9 +58,18 @@ class DataConfig:
     """What text to train on, how it is tokenized, and how the token stream is cut into samples."""
 
     corpus: str = DEFAULT_CORPUS
-    """A built-in corpus (models.corpus.BUILTIN_CORPORA) or a path to .txt/.jsonl files."""
+    """A built-in corpus (models.data.corpus.BUILTIN_CORPORA) or a path to .txt, .jsonl[.gz|.zst], .parquet or
+    .arrow files, a folder of them, or a `datasets.save_to_disk` folder (models.data.readers)."""
     tokenizer: str = DEFAULT_TOKENIZER
-    """A built-in tokenizer (models.tokenizer.BUILTIN_TOKENIZERS) or a path to a SentencePiece .model file."""
+    """A built-in tokenizer (models.data.tokenizer.BUILTIN_TOKENIZERS), a SentencePiece .model file, a
+    Hugging Face tokenizer.json (or a folder holding one), or `train:N`: a SentencePiece BPE of N tokens
+    trained on the corpus once and cached (for small models, e.g. train:4096)."""
+    text_column: str = "text"
+    """The field of a JSON-lines record, or the column of a Parquet/Arrow table, that holds the text."""
+    encoding: str = "utf-8"
+    """Text encoding of .txt and .jsonl[.gz|.zst] files."""
+    skip_undecodable: bool = False
+    """Leave out, with a warning, a text file that does not decode in `encoding` (else it is an error)."""
     seq_len: int = 128
     """Tokens per training sample; each sample reads seq_len + 1 tokens (inputs and shifted targets)."""
     val_fraction: float = 0.02
@@ -65,9 +80,14 @@ class DataConfig:
     """Seed of the per-epoch shuffle of training chunks."""
 
     def __post_init__(self):
-        for name in ("corpus", "tokenizer", "cache_dir"):
+        for name in ("corpus", "tokenizer", "cache_dir", "text_column"):
             if not getattr(self, name):
                 raise ValueError(f"DataConfig.{name} must be a non-empty string")
+        trained_vocab_size(self.tokenizer)  # a malformed train:N fails here
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"DataConfig.encoding {self.encoding!r} is not a text encoding Python knows") from None
         if self.seq_len < 1:
             raise ValueError(f"DataConfig.seq_len must be >= 1, got {self.seq_len}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -75,57 +95,124 @@ class DataConfig:
         if self.seed < 0:
             raise ValueError(f"DataConfig.seed must be >= 0, got {self.seed}")
 
+    @property
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(text_column=self.text_column, encoding=self.encoding, skip_undecodable=self.skip_undecodable)
+
+
+# ---- the tokenizer and the model it feeds ----------------------------------------------------------
+
+
+def load_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """cfg.tokenizer (trained on the corpus first, for train:N), checked to have the EOS token the token file
+    separates documents with."""
+    vocab_size = trained_vocab_size(cfg.tokenizer)
+    tokenizer = Tokenizer.load(cfg.tokenizer if vocab_size is None else str(_trained_tokenizer(cfg, vocab_size)))
+    if tokenizer.eos_id is None:
+        raise ValueError(
+            f"data.tokenizer={cfg.tokenizer!r} has no end-of-sequence token (eos_id=None; a SentencePiece model "
+            f"trained with eos_id=-1, or a tokenizer.json without any of {', '.join(EOS_NAMES)} and no "
+            f"tokenizer_config.json eos_token): the token file needs one after every document"
+        )
+    return tokenizer
+
+
+def _trained_tokenizer(cfg: DataConfig, vocab_size: int) -> Path:
+    """<cache_dir>/tokenizer-<key>/tokenizer.model, trained on the corpus unless there already; key = hash(format
+    version, corpus fingerprint, how the files are read, vocab_size, sentencepiece version)."""
+    import sentencepiece
+
+    opts = cfg.read_options
+    payload = json.dumps([FORMAT_VERSION, corpus_fingerprint(cfg.corpus), opts.text_column, opts.encoding,
+                          opts.skip_undecodable, vocab_size, sentencepiece.__version__]).encode()
+    path = Path(cfg.cache_dir).expanduser() / f"tokenizer-{hashlib.sha256(payload).hexdigest()[:16]}" / "tokenizer.model"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = (line for text, _ in iter_pieces(cfg.corpus, opts) for line in text.split("\n") if line.strip())
+        train_sentencepiece(lines, vocab_size, path)
+    return path
+
+
+def model_config(name: str, data: DataConfig, vocab_size: int = 0) -> LlamaConfig:
+    """The LLaMA shape `name` sized for the data's tokenizer: vocab_size = the tokenizer's vocabulary, or
+    `vocab_size` where given (≥ the tokenizer's; a padded embedding). Pretraining, federated training and export
+    all build their model config here."""
+    tokenizer = load_tokenizer(data)
+    if vocab_size and vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={vocab_size} is smaller than the vocabulary of data.tokenizer={data.tokenizer!r} "
+            f"({tokenizer.vocab_size} tokens): its ids would index past the embedding; set model.vocab_size "
+            f">= {tokenizer.vocab_size}, or 0 to take the tokenizer's"
+        )
+    return llama_config(name, vocab_size=vocab_size or tokenizer.vocab_size)
+
 
 # ---- tokenize once -------------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 where every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
 def prepare_tokens(cfg: DataConfig) -> Path:
     """Tokenize cfg.corpus with cfg.tokenizer unless cached; return the directory holding tokens.bin and
     meta.json. Raises ValueError when the corpus is too small for one training and one validation sample."""
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    out_dir = Path(cfg.cache_dir).expanduser() / _cache_key(cfg.corpus, tokenizer.model_path)
+    tokenizer = load_tokenizer(cfg)
+    out_dir = Path(cfg.cache_dir).expanduser() / _cache_key(cfg, tokenizer)
     if not (out_dir / "meta.json").is_file():
-        _tokenize(cfg.corpus, tokenizer, out_dir)
+        _tokenize(cfg, tokenizer, out_dir)
     num_tokens = json.loads((out_dir / "meta.json").read_text())["num_tokens"]
     _split(num_tokens, cfg.seq_len, cfg.val_fraction, source=f"corpus {cfg.corpus!r}")
     return out_dir
 
 
-def _cache_key(corpus: str, tokenizer_path: Path) -> str:
-    tokenizer_sha = hashlib.sha256(tokenizer_path.read_bytes()).hexdigest()
-    payload = json.dumps([FORMAT_VERSION, corpus_fingerprint(corpus), tokenizer_sha]).encode()
+def _cache_key(cfg: DataConfig, tokenizer: Tokenizer) -> str:
+    opts = cfg.read_options
+    payload = json.dumps([FORMAT_VERSION, corpus_fingerprint(cfg.corpus), opts.text_column, opts.encoding,
+                          opts.skip_undecodable, tokenizer.sha256()]).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def _tokenize(corpus: str, tokenizer: Tokenizer, out_dir: Path) -> None:
+def _tokenize(cfg: DataConfig, tokenizer: Tokenizer, out_dir: Path) -> None:
     """Write tokens.bin, then meta.json, each under a temporary name moved into place when complete: a
     present meta.json means a complete token file, whatever concurrent or failed runs did."""
-    if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max + 1:
-        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the {TOKEN_DTYPE.__name__} token file")
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_tokens = num_docs = 0
     with atomic_file(out_dir / "tokens.bin") as f:
-        for docs in _batches(iter_documents(corpus), ENCODE_BATCH_DOCS):
-            for ids in tokenizer.encode_batch(docs):
-                ids.append(tokenizer.eos_id)
-                f.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
-                num_tokens, num_docs = num_tokens + len(ids), num_docs + 1
+        for batch in _batches(iter_pieces(cfg.corpus, cfg.read_options), ENCODE_BATCH_CHARS):
+            for ids, (_, last) in zip(tokenizer.encode_batch([text for text, _ in batch]), batch):
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                num_tokens += len(ids)
+                if last:
+                    f.write(eos.tobytes())
+                    num_tokens, num_docs = num_tokens + 1, num_docs + 1
     meta = {
         "format_version": FORMAT_VERSION,
         "num_tokens": num_tokens,
         "num_docs": num_docs,
+        "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
-        "corpus": corpus,
-        "tokenizer": str(tokenizer.model_path),
+        "corpus": cfg.corpus,
+        "tokenizer": str(tokenizer.path),
     }
     with atomic_file(out_dir / "meta.json") as f:
         f.write(json.dumps(meta, indent=2).encode())
 
 
-def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
+def _batches(pieces: Iterable[Piece], max_chars: int) -> Iterator[list[Piece]]:
+    """Consecutive pieces in lists of about max_chars characters (at least one piece each)."""
+    batch, chars = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
@@ -157,7 +244,9 @@ class TokenData:
             raise FileNotFoundError(f"no token file at {path}: run prepare_tokens first")
         if seq_len < 1 or not 0.0 < val_fraction < 1.0:
             raise ValueError(f"need seq_len >= 1 and 0 < val_fraction < 1, got {seq_len} and {val_fraction}")
-        self.tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+        meta = path.parent / "meta.json"
+        dtype = json.loads(meta.read_text()).get("dtype", "uint16") if meta.is_file() else "uint16"
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
         self.seq_len, self.seed = seq_len, seed
         split = _split(len(self.tokens), seq_len, val_fraction, source=str(path))
         self._val_start, self._num_train, self._num_val = split

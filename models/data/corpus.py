@@ -3,8 +3,8 @@
 Built-in corpora are real text shipped inside installed packages, so training works offline:
   "wiki-sample"  gensim's English Wikipedia sample (~100 articles), wiki markup stripped to plain prose
   "lee"          gensim's Lee background corpus: 300 Australian news stories, one per line
-Any other spec is a path: a `.txt` file (one document), a `.jsonl` file (one JSON object per line with a
-"text" field), or a directory searched recursively, in sorted path order, for both. Whitespace-only documents
+Any other spec is a path to the user's files (`models.data.readers`: .txt, .jsonl[.gz|.zst], .parquet, .arrow,
+or a directory of them). Documents come as pieces of bounded size (`iter_pieces`); whitespace-only documents
 are skipped.
 """
 
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from curvtrain.models.data.readers import Piece, ReadOptions, read_file, split_text, user_files
+
 DEFAULT_CORPUS = "wiki-sample"
 
 # Bump when the text extraction below changes, so that caches keyed by `corpus_fingerprint` are rebuilt.
 EXTRACTION_VERSION = 1
-
-USER_SUFFIXES = (".txt", ".jsonl")
 
 
 # ---- built-in corpora ----------------------------------------------------------------------------
@@ -196,54 +196,54 @@ def _clean_lines(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
-# ---- user corpora --------------------------------------------------------------------------------
-
-
-def _user_files(spec: str) -> tuple[Path, list[Path]]:
-    """The root of a user corpus and its `.txt`/`.jsonl` files in sorted order."""
-    root = Path(spec).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(
-            f"corpus {spec!r} is neither a built-in corpus {sorted(BUILTIN_CORPORA)} nor an existing path"
-        )
-    if root.is_file():
-        if root.suffix not in USER_SUFFIXES:
-            raise ValueError(f"corpus file {root} must end in one of {USER_SUFFIXES}")
-        return root.parent, [root]
-    files = sorted(p for p in root.rglob("*") if p.suffix in USER_SUFFIXES and p.is_file())
-    if not files:
-        raise ValueError(f"corpus directory {root} holds no {' or '.join(USER_SUFFIXES)} files")
-    return root, files
-
-
-def _read_user_file(path: Path) -> Iterator[str]:
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
-        return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f'{path}, line {lineno}: expected a JSON object with a string "text" field')
-            yield record["text"]
-
-
 # ---- the interface -------------------------------------------------------------------------------
 
 
-def iter_documents(spec: str = DEFAULT_CORPUS) -> Iterator[str]:
-    """The documents of a corpus, in a fixed order. Errors in the spec are raised at the call, not lazily."""
+def iter_pieces(spec: str = DEFAULT_CORPUS, opts: ReadOptions = ReadOptions()) -> Iterator[Piece]:
+    """The documents of a corpus in a fixed order, as pieces `(text, last)` of at most opts.max_chars
+    characters (`models.data.readers`), whitespace-only documents left out. Errors in the spec are raised at
+    the call, not lazily."""
     if spec in BUILTIN_CORPORA:
-        documents = BUILTIN_CORPORA[spec].read(_builtin_path(spec))
+        pieces = (p for doc in BUILTIN_CORPORA[spec].read(_builtin_path(spec)) for p in split_text(doc, opts.max_chars))
     else:
         _, files = _user_files(spec)
-        documents = (doc for path in files for doc in _read_user_file(path))
-    return (doc for doc in documents if doc.strip())
+        pieces = (p for path in files for p in read_file(path, opts))
+    return _without_blank_documents(pieces)
+
+
+def _user_files(spec: str) -> tuple[Path, list[Path]]:
+    try:
+        return user_files(spec)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"corpus {spec!r} is neither a built-in corpus {sorted(BUILTIN_CORPORA)} nor an "
+                                f"existing path") from None
+
+
+def _without_blank_documents(pieces: Iterator[Piece]) -> Iterator[Piece]:
+    """Drop whitespace-only pieces; a document's end is kept only where some piece of it was."""
+    started = False
+    for text, last in pieces:
+        if text.strip():
+            started = True
+            yield text, last
+        elif last and started:
+            yield "", True
+        started = started and not last
+
+
+def iter_documents(spec: str = DEFAULT_CORPUS, opts: ReadOptions = ReadOptions()) -> Iterator[str]:
+    """Whole documents (each joined from its pieces in memory: for inspection and small corpora)."""
+    pieces = iter_pieces(spec, opts)
+
+    def documents() -> Iterator[str]:
+        parts = []
+        for text, last in pieces:
+            parts.append(text)
+            if last:
+                yield "".join(parts)
+                parts = []
+
+    return documents()
 
 
 def corpus_fingerprint(spec: str = DEFAULT_CORPUS) -> str:
