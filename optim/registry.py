@@ -92,8 +92,9 @@ class SophiaConfig(EstimateConfig):
     betas: tuple[float, float] = (0.965, 0.99)
     """(β₁, β₂): EMA of the gradient and of the Hessian estimate (the official defaults)."""
     rho: float = 0.04
-    """ρ: the clipping scale, update = sign(m)·min(|m|/(ρh + ε), 1)."""
+    """ρ: the clipping scale, update = clip(m / max(ρh, ε), 1), clipped on both sides."""
     eps: float = 1e-15
+    """ε > 0: the floor of the denominator (where h ≤ 0 the update is a sign step)."""
     estimator: str = "gnb"
     """"gnb" (Gauss-Newton-Bartlett, Sophia-G) or "hutchinson" (Sophia-H)."""
 
@@ -102,8 +103,8 @@ class SophiaConfig(EstimateConfig):
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         check_betas(self.betas)
-        if self.eps < 0:
-            raise ValueError(f"eps must be ≥ 0, got {self.eps}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
