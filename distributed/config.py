@@ -140,6 +140,11 @@ class TrainConfig:
                 f"({per_step}): every worker evaluates at least one micro-batch"
             )
         distributor_for(self).check_config(self)
+        if self.optimizer.name == "deepspeed_muon" and self.engine.grad_clip > 0:
+            raise ValueError(
+                "optimizer.name=deepspeed_muon: DeepSpeed's ZeRO 1-2 write Muon's orthogonalized update into the gradient "
+                "partitions before clipping, so engine.grad_clip would shrink the update itself: set engine.grad_clip=0"
+            )
         self.check_needs()
 
     def check_needs(self) -> None:
