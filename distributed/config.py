@@ -19,7 +19,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "20m"
-    """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b)."""
+    """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b; nano, nano-4m)."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in backward (saves memory, costs ~30% more compute)."""
     compile: bool = False

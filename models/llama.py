@@ -90,6 +90,13 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
     "350m": LlamaConfig(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
     "1b": LlamaConfig(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
     "7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    # `nano`: a few million parameters, mostly transformer. The share of the embedding and head is
+    # 2V / (2V + 12·L·C) (MLP ≈ 8/3 C), ≤ 25% when L·C ≥ V/2: with a small vocabulary (a SentencePiece model
+    # trained on the corpus; 4096 here is nominal, the run's vocabulary comes from its tokenizer).
+    "nano": LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                        num_attention_heads=4),  # 8.43M, embeddings 24.9%
+    "nano-4m": LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=16,
+                           num_attention_heads=4),  # 4.26M, embeddings 24.6%
 }
 
 
