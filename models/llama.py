@@ -335,3 +335,30 @@ def _apply_order(module: nn.Module) -> Iterator[nn.Module]:
     for child in module.children():
         yield from _apply_order(child)
     yield module
+
+
+@torch.no_grad()
+def generate(model: LlamaForCausalLM, ids: list[int], max_new_tokens: int, *, top_k: int = 0, temperature: float = 1.0,
+             stop_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """Continues the token ids `ids` by up to `max_new_tokens` tokens (fewer if `stop_id` comes): greedy with
+    top_k = 0, else sampled from the `top_k` most likely tokens at `temperature`. No KV cache: each token
+    runs the whole (cropped) context again, which is plenty for samples of tiny models."""
+    if not ids:
+        raise ValueError("generate needs at least one token of context")
+    if max_new_tokens < 0 or top_k < 0 or not temperature > 0:
+        raise ValueError(f"need max_new_tokens ≥ 0, top_k ≥ 0, temperature > 0; got {max_new_tokens}, {top_k}, {temperature}")
+    device = next(model.parameters()).device
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([out[-model.config.max_position_embeddings:]], device=device)
+        logits = model(context)[0, -1].float()
+        if top_k == 0:
+            token = int(logits.argmax())
+        else:
+            values, indices = logits.topk(min(top_k, logits.numel()))
+            choice = torch.multinomial((values / temperature).softmax(-1), 1, generator=generator)
+            token = int(indices[choice])
+        out.append(token)
+        if token == stop_id:
+            break
+    return out[len(ids):]
