@@ -13,6 +13,7 @@ last sealed checkpoint, so `--resume` continues it once the cause is fixed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -160,11 +161,12 @@ def sample(args) -> int:
     from curvtrain.distributed.config import TrainConfig
 
     source = Path(args.source)
-    if sampling.is_exported(source):
-        model, tokenizer = sampling.load_exported(source)
-    else:
-        ckpt = checkpoint.resolve(source)
-        model, tokenizer = sampling.load_checkpoint(ckpt, load_config(TrainConfig, ckpt / "config.yaml"))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the sample alone (DeepSpeed's loader prints)
+        if sampling.is_exported(source):
+            model, tokenizer = sampling.load_exported(source)
+        else:
+            ckpt = checkpoint.resolve(source)
+            model, tokenizer = sampling.load_checkpoint(ckpt, load_config(TrainConfig, ckpt / "config.yaml"))
     text = sampling.sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                            temperature=args.temperature, seed=args.seed)
     print(args.prompt + text)
