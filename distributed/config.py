@@ -20,7 +20,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "20m"
-    """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b)."""
+    """Named LLaMA shape from models.llama.LLAMA_CONFIGS (tiny, 20m, 60m, 130m, 350m, 1b, 7b; nano, nano-4m)."""
     vocab_size: int = 0
     """Rows of the embedding and output head; 0 takes the vocabulary of data.tokenizer (a larger value pads it)."""
     gradient_checkpointing: bool = False
@@ -167,6 +167,11 @@ class TrainConfig:
                 f"({per_step}): every worker evaluates at least one micro-batch"
             )
         distributor_for(self).check_config(self)
+        if self.optimizer.name == "deepspeed_muon" and self.engine.grad_clip > 0:
+            raise ValueError(
+                "optimizer.name=deepspeed_muon: DeepSpeed's ZeRO 1-2 write Muon's orthogonalized update into the gradient "
+                "partitions before clipping, so engine.grad_clip would shrink the update itself: set engine.grad_clip=0"
+            )
         self.check_needs()
 
     def check_needs(self) -> None:

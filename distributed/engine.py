@@ -11,6 +11,7 @@ from curvtrain.distributed.distributor import Distributor, distributor_for
 from curvtrain.models.data import model_config
 from curvtrain.models.llama import LlamaForCausalLM, build_llama
 from curvtrain.optim import build_optimizer
+from curvtrain.optim.adamw import decay_groups
 
 
 def param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -47,13 +48,17 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[L
 
 
 def build_engine(model: torch.nn.Module, distributor: Distributor, scheduler, cfg: TrainConfig):
-    """deepspeed.initialize around the distributor's client optimizer and the LR scheduler (stepped at each
-    optimizer step), in the DeepSpeed config the distributor asks for."""
+    """deepspeed.initialize around the distributor's client optimizer — or none, where DeepSpeed builds its
+    own from the config (deepspeed_muon), on the weight-decay groups — and the LR scheduler or a function of
+    the optimizer that makes it (stepped at each optimizer step), in the DeepSpeed config the distributor
+    asks for."""
     import deepspeed
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    optimizer = distributor.client_optimizer
+    groups = decay_groups(model.parameters(), cfg.optimizer.weight_decay) if optimizer is None else None
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=distributor.client_optimizer, lr_scheduler=scheduler,
+        model=model, optimizer=optimizer, model_parameters=groups, lr_scheduler=scheduler,
         config=distributor_for(cfg).engine_config(cfg),
     )
     distributor.attach(engine)

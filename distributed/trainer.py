@@ -46,7 +46,8 @@ class Trainer:
         if cfg.model.compile:
             model.compile()  # in place: parameter names stay HF-compatible for checkpoints and export
         self.distributor = build_distributor(cfg, model, self.rule, owners)
-        self.engine = build_engine(model, self.distributor, warmup_cosine(self.distributor.client_optimizer, cfg.schedule), cfg)
+        # the schedule is made on the optimizer DeepSpeed ends up with: the rule, or its own (deepspeed_muon)
+        self.engine = build_engine(model, self.distributor, lambda built: warmup_cosine(built, cfg.schedule), cfg)
         self.data = TokenData.from_config(cfg.data)  # a cache hit: the coordinator prepared the tokens
         self.checkpointer = Checkpointer(cfg, run_dir, self.engine, self.distributor)
         self.validator = Validator(cfg, self.engine, self.data, device)

@@ -1,8 +1,9 @@
-"""`curvtrain` command line: pretrain | federate | export.
+"""`curvtrain` command line: pretrain | federate | export | sample.
 
     curvtrain pretrain [--config configs/X.yaml] [--out RUN_DIR] [--set key=value ...] [--resume] [--address ADDR]
     curvtrain federate --config configs/X.yaml [--out RUN_DIR] [--set key=value ...] [--resume] [--address ADDR]
     curvtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR
+    curvtrain sample RUN_DIR_OR_CHECKPOINT_OR_EXPORT --prompt TEXT [--max-new-tokens N] [--top-k K] [--temperature T]
 
 Every config problem is reported, naming the field, before Ray or any worker starts.
 Exit codes: 0 done; 2 bad input (config, paths, checkpoint, a run directory another live run holds),
@@ -13,6 +14,7 @@ directory keeps its last sealed checkpoint, so `--resume` continues it once the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -43,7 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM folder from a run or checkpoint")
     exp.add_argument("source", help="run directory, its checkpoints/ folder, or one step_* checkpoint")
     exp.add_argument("out_dir", help="folder to create (safetensors + config.json + tokenizer files)")
+    _add_sample_parser(sub)
     return p
+
+
+def _add_sample_parser(sub) -> None:
+    smp = sub.add_parser("sample", help="continue a prompt with a trained model (greedy, or top-k sampling)")
+    smp.add_argument("source", help="an exported folder (curvtrain export), or a run directory (its last checkpoint), "
+                                    "its checkpoints/ folder or one step_* checkpoint")
+    smp.add_argument("--prompt", required=True, help="the text to continue")
+    smp.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    smp.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 (default): greedy")
+    smp.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of top-k sampling")
+    smp.add_argument("--seed", type=int, default=0, help="seed of top-k sampling")
 
 
 def pretrain(args) -> int:
@@ -162,12 +176,29 @@ def export(args) -> int:
     return 0
 
 
+def sample(args) -> int:
+    from curvtrain.distributed import checkpoint, sampling
+    from curvtrain.distributed.config import TrainConfig
+
+    source = Path(args.source)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the sample alone (DeepSpeed's loader prints)
+        if sampling.is_exported(source):
+            model, tokenizer = sampling.load_exported(source)
+        else:
+            ckpt = checkpoint.resolve(source)
+            model, tokenizer = sampling.load_checkpoint(ckpt, load_config(TrainConfig, ckpt / "config.yaml"))
+    text = sampling.sample(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                           temperature=args.temperature, seed=args.seed)
+    print(args.prompt + text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from curvtrain.distributed.checkpoint import CheckpointError
 
     try:
-        return {"pretrain": pretrain, "federate": federate, "export": export}[args.command](args)
+        return {"pretrain": pretrain, "federate": federate, "export": export, "sample": sample}[args.command](args)
     except (ValueError, CheckpointError, OSError) as e:  # ConfigError, RunDirError, data errors
         print(f"curvtrain: error: {e}", file=sys.stderr)
         return 2

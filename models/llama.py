@@ -90,6 +90,13 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
     "350m": LlamaConfig(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
     "1b": LlamaConfig(hidden_size=2048, intermediate_size=5461, num_hidden_layers=24, num_attention_heads=32),
     "7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    # `nano`: a few million parameters, mostly transformer. The share of the embedding and head is
+    # 2V / (2V + 12·L·C) (MLP ≈ 8/3 C), ≤ 25% when L·C ≥ V/2: with a small vocabulary (a SentencePiece model
+    # trained on the corpus; 4096 here is nominal, the run's vocabulary comes from its tokenizer).
+    "nano": LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                        num_attention_heads=4),  # 8.43M, embeddings 24.9%
+    "nano-4m": LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=16,
+                           num_attention_heads=4),  # 4.26M, embeddings 24.6%
 }
 
 
@@ -328,3 +335,30 @@ def _apply_order(module: nn.Module) -> Iterator[nn.Module]:
     for child in module.children():
         yield from _apply_order(child)
     yield module
+
+
+@torch.no_grad()
+def generate(model: LlamaForCausalLM, ids: list[int], max_new_tokens: int, *, top_k: int = 0, temperature: float = 1.0,
+             stop_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+    """Continues the token ids `ids` by up to `max_new_tokens` tokens (fewer if `stop_id` comes): greedy with
+    top_k = 0, else sampled from the `top_k` most likely tokens at `temperature`. No KV cache: each token
+    runs the whole (cropped) context again, which is plenty for samples of tiny models."""
+    if not ids:
+        raise ValueError("generate needs at least one token of context")
+    if max_new_tokens < 0 or top_k < 0 or not temperature > 0:
+        raise ValueError(f"need max_new_tokens ≥ 0, top_k ≥ 0, temperature > 0; got {max_new_tokens}, {top_k}, {temperature}")
+    device = next(model.parameters()).device
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([out[-model.config.max_position_embeddings:]], device=device)
+        logits = model(context)[0, -1].float()
+        if top_k == 0:
+            token = int(logits.argmax())
+        else:
+            values, indices = logits.topk(min(top_k, logits.numel()))
+            choice = torch.multinomial((values / temperature).softmax(-1), 1, generator=generator)
+            token = int(indices[choice])
+        out.append(token)
+        if token == stop_id:
+            break
+    return out[len(ids):]

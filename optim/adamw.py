@@ -15,6 +15,7 @@ Weight decay rule, the one for every optimizer here: matrices (dim ≥ 2: projec
 output head) are decayed, vectors (norm gains, biases) are not (nanoGPT's and GaLore's rule).
 """
 
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -44,6 +45,27 @@ def decay_groups(params: Iterable[Parameter], weight_decay: float, **options) ->
         {"params": [p for p in params if not decays(p)], "weight_decay": 0.0, **options},
     ]
     return [g for g in groups if g["params"]]
+
+
+def target_groups(named_params: Iterable[tuple[str, Parameter]], targets: str, kind: str, weight_decay: float,
+                  **options) -> list[dict]:
+    """Param groups of an optimizer with its own update for some matrices (GradNormLoRP's projections,
+    Muon's orthogonalized momentum) and AdamW for the rest: the trainable parameters whose name matches
+    the regex `targets` (re.search; each must be 2-D), with `options` and `weight_decay`, then all other
+    trainable parameters split by `decay_groups`. `kind` names the targets in errors."""
+    matched, plain = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if re.search(targets, name):
+            if p.dim() != 2:
+                raise ValueError(f"{kind} target {name!r} matched by {targets!r} is not 2-D (shape {tuple(p.shape)})")
+            matched.append(p)
+        else:
+            plain.append(p)
+    if not matched:
+        raise ValueError(f"the {kind} target rule {targets!r} matches no trainable parameter")
+    return [dict(params=matched, weight_decay=weight_decay, **options)] + decay_groups(plain, weight_decay)
 
 
 def adam_direction(

@@ -28,14 +28,13 @@ bf16 weights with stochastic rounding (`rounding.write_weight_`): no fp32 master
 updates do not vanish.
 """
 
-import re
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from .adamw import AdamW, adam_direction, decay_groups, moments_direction, zero_moments
+from .adamw import AdamW, adam_direction, moments_direction, target_groups, zero_moments
 from .projector import METHODS, SIDES, choose_side, lowrank_shapes, project, project_back, refresh_basis
 from .rounding import write_weight_
 from .state import state_dtype
@@ -198,22 +197,7 @@ def lowrank_param_groups(
     **options,
 ) -> list[dict]:
     """Param groups: trainable parameters whose name matches the regex `targets` (re.search; must be
-    2-D) with `rank`, the low-rank `options` (LOWRANK_DEFAULTS where not given) and `weight_decay`, then all other trainable parameters (plain AdamW)
-    split by the weight decay rule of every optimizer here (`adamw.decay_groups`: matrices decayed,
-    norm gains not). The trainer's rule is LLAMA_TARGETS."""
-    lowrank, plain = [], []
-    for name, p in named_params:
-        if not p.requires_grad:
-            continue
-        if re.search(targets, name):
-            if p.dim() != 2:
-                raise ValueError(f"low-rank target {name!r} matched by {targets!r} is not 2-D (shape {tuple(p.shape)})")
-            lowrank.append(p)
-        else:
-            plain.append(p)
-    if not lowrank:
-        raise ValueError(f"the low-rank target rule {targets!r} matches no trainable parameter")
-    groups = [
-        dict(params=lowrank, rank=rank, **{**LOWRANK_DEFAULTS, **options}, weight_decay=weight_decay)
-    ]
-    return groups + decay_groups(plain, weight_decay)
+    2-D) with `rank`, the low-rank `options` (LOWRANK_DEFAULTS where not given) and `weight_decay`, then all
+    other trainable parameters (plain AdamW) split by the weight decay rule of every optimizer here
+    (`adamw.target_groups`). The trainer's rule is LLAMA_TARGETS."""
+    return target_groups(named_params, targets, "low-rank", weight_decay, rank=rank, **{**LOWRANK_DEFAULTS, **options})

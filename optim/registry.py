@@ -24,6 +24,7 @@ from curvtrain.optim.gradnorm_lorp import (
 )
 from curvtrain.optim.mfac import MFAC
 from curvtrain.optim.mfac import check_options as check_mfac_options
+from curvtrain.optim.muon import ADJUST_LR_FNS, MUON_DEFAULTS, Muon, muon_param_groups
 from curvtrain.optim.sophia import Sophia
 from curvtrain.optim.state import check_betas
 
@@ -92,8 +93,9 @@ class SophiaConfig(EstimateConfig):
     betas: tuple[float, float] = (0.965, 0.99)
     """(β₁, β₂): EMA of the gradient and of the Hessian estimate (the official defaults)."""
     rho: float = 0.04
-    """ρ: the clipping scale, update = sign(m)·min(|m|/(ρh + ε), 1)."""
+    """ρ: the clipping scale, update = clip(m / max(ρh, ε), 1), clipped on both sides."""
     eps: float = 1e-15
+    """ε > 0: the floor of the denominator (where h ≤ 0 the update is a sign step)."""
     estimator: str = "gnb"
     """"gnb" (Gauss-Newton-Bartlett, Sophia-G) or "hutchinson" (Sophia-H)."""
 
@@ -102,8 +104,8 @@ class SophiaConfig(EstimateConfig):
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
         check_betas(self.betas)
-        if self.eps < 0:
-            raise ValueError(f"eps must be ≥ 0, got {self.eps}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
 
@@ -151,6 +153,35 @@ class MFACConfig:
 
 
 @dataclass(kw_only=True)
+class MuonConfig:
+    """Muon (optim.muon) on the `targets` matrices, AdamW (optimizer.lr, betas, eps) on the rest; both decay
+    by optimizer.weight_decay. Also the settings of `deepspeed_muon`, DeepSpeed's own Muon."""
+
+    lr: float | None = None
+    """Peak learning rate of the Muon matrices; None: optimizer.lr, which carries over from AdamW with
+    adjust_lr_fn="match_rms_adamw" (with "original", Keller Jordan's rate is 0.02)."""
+    momentum: float = MUON_DEFAULTS["momentum"]
+    nesterov: bool = MUON_DEFAULTS["nesterov"]
+    ns_steps: int = MUON_DEFAULTS["ns_steps"]
+    """Newton–Schulz iterations (quintic, torch.optim.Muon's coefficients)."""
+    adjust_lr_fn: str = "match_rms_adamw"
+    """Update scale: "match_rms_adamw" (0.2·√max(rows, cols): RMS of AdamW's update, Moonshot) or
+    "original" (max(1, rows/cols)^½, Keller Jordan)."""
+    targets: str = LLAMA_TARGETS
+    """Regular expression on parameter names selecting the hidden 2-D matrices Muon updates."""
+
+    def __post_init__(self):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number or null (= optimizer.lr), got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 1 <= self.ns_steps < 100:
+            raise ValueError(f"ns_steps must be in [1, 100), got {self.ns_steps}")
+        if self.adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {self.adjust_lr_fn!r}")
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
     name: str = "adamw"
     """Registry key: one of OPTIMIZERS."""
@@ -165,6 +196,7 @@ class OptimizerConfig:
     sophia: SophiaConfig = field(default_factory=SophiaConfig)
     adahessian: AdaHessianConfig = field(default_factory=AdaHessianConfig)
     mfac: MFACConfig = field(default_factory=MFACConfig)
+    muon: MuonConfig = field(default_factory=MuonConfig)
     per_layer: bool = False
     """Step each parameter inside backward and free its gradient at once (GaLore's per-layer updates):
     whole-model gradients never coexist. Excludes global-norm clipping."""
@@ -179,11 +211,20 @@ class OptimizerConfig:
             raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
         if self.name == "mfac":  # the rule that ties the section to the optimizer's weight decay
             check_mfac_options(**vars(self.mfac), weight_decay=self.weight_decay)
+        if self.name == "deepspeed_muon":
+            check_deepspeed_muon(self.muon)
 
     @property
     def needs(self) -> Needs:
         """What this optimizer needs of the training loop (its registry entry)."""
         return OPTIMIZERS[self.name].needs(self)
+
+    @property
+    def deepspeed_section(self) -> dict | None:
+        """The "optimizer" section of the DeepSpeed config when DeepSpeed builds the optimizer itself
+        (its registry entry has `deepspeed`), else None: ours is handed to DeepSpeed as a client optimizer."""
+        section = OPTIMIZERS[self.name].deepspeed
+        return None if section is None else section(self)
 
 
 def build_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
@@ -246,6 +287,35 @@ def build_mfac(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.O
                 momentum=c.momentum, block_size=c.block_size)
 
 
+def build_muon(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+    """Muon on the `muon.targets` matrices, AdamW on the rest (optim.muon)."""
+    c = cfg.muon
+    groups = muon_param_groups(named_params, targets=c.targets, weight_decay=cfg.weight_decay, lr=c.lr or cfg.lr,
+                               momentum=c.momentum, nesterov=c.nesterov, ns_steps=c.ns_steps, adjust_lr_fn=c.adjust_lr_fn)
+    return Muon(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def check_deepspeed_muon(c: MuonConfig) -> None:
+    """What DeepSpeed's Muon cannot do of optimizer.muon: it always takes 5 Nesterov Newton–Schulz steps,
+    scales the original way and picks its matrices by name (2-D, not "embed"/"lm_head")."""
+    fixed = dict(nesterov=True, ns_steps=5, adjust_lr_fn="original", targets=LLAMA_TARGETS)
+    for key, value in fixed.items():
+        if getattr(c, key) != value:
+            raise ValueError(f"optimizer.name=deepspeed_muon needs muon.{key}={value} (DeepSpeed's Muon has no other), "
+                             f"got {getattr(c, key)!r}")
+
+
+def deepspeed_muon_section(cfg: OptimizerConfig) -> dict:
+    """DeepSpeed's own Muon (`MuonWithAuxAdam`; ZeRO 1-2 orthogonalize the gathered matrices): Muon at
+    muon.lr (optimizer.lr when unset) with momentum, torch's AdamW at optimizer.lr on the rest;
+    the standard quintic Newton–Schulz, the iteration torch.optim.Muon runs."""
+    return {"type": "Muon", "params": {
+        "lr": cfg.lr, "muon_lr": cfg.muon.lr or cfg.lr, "adam_lr": cfg.lr, "momentum": cfg.muon.momentum,
+        "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay, "ns_method": "standard",
+        "torch_adam": True,  # torch.optim.AdamW for the rest: no fused_adam build
+    }}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Estimate:
     """A curvature estimate the loop runs for the optimizer, then hands over with `update_hessian(estimates)`."""
@@ -298,8 +368,10 @@ OWNER_SHARDED = dict(whole_blocks=True, zero_stages=(0,))
 
 @dataclass(frozen=True)
 class Entry:
-    build: Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer]
+    build: Callable[[OptimizerConfig, NamedParams], torch.optim.Optimizer | None]
     needs: Callable[[OptimizerConfig], Needs]
+    deepspeed: Callable[[OptimizerConfig], dict] | None = None
+    """DeepSpeed builds this optimizer from the config section it returns (`build` gives None)."""
 
 
 OPTIMIZERS: dict[str, Entry] = {
@@ -313,8 +385,12 @@ OPTIMIZERS: dict[str, Entry] = {
         **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.adahessian, "hutchinson"), state_cost=True)),
     "mfac": Entry(build_mfac, lambda cfg: Needs(
         **OWNER_SHARDED, per_layer=False, closure=cfg.mfac.damping == "gns", metrics=cfg.mfac.damping == "gns", state_cost=True)),
+    "muon": Entry(build_muon, lambda cfg: Needs(**OWNER_SHARDED, state_cost=True)),
+    "deepspeed_muon": Entry(lambda cfg, named_params: None, lambda cfg: Needs(zero_stages=(1, 2), per_layer=False),
+                            deepspeed=deepspeed_muon_section),
 }
 
 
-def build_optimizer(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer | None:
+    """The optimizer of `cfg` over `named_params`; None where DeepSpeed builds it (`cfg.deepspeed_section`)."""
     return OPTIMIZERS[cfg.name].build(cfg, named_params)

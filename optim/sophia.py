@@ -3,16 +3,20 @@ Scalable Stochastic Second-order Optimizer for Language Model Pre-training", Alg
 
     every step:        m ← β₁ m + (1 − β₁) g
                        θ ← θ − lr · wd · θ                                  (decoupled weight decay)
-                       θ ← θ − lr · sign(m) · min(|m| / (ρ · h + ε), 1)     (elementwise clipping)
+                       θ ← θ − lr · clip(m / max(ρ · h, ε), 1)              (elementwise, both sides)
     every k steps:     h ← β₂ h + (1 − β₂) ĥ                                (`update_hessian`)
 
 ĥ is a diagonal curvature estimate of the estimator pass (`optim.curvature`), handed to `update_hessian`: Sophia-G
 uses Gauss-Newton-Bartlett, ĥ = B · ĝ ⊙ ĝ; Sophia-H uses Hutchinson, ĥ = u ⊙ (H u). The official code
 leaves ĝ itself in `.grad`, squares it in `update_hessian` and multiplies by the batch size B in `step`
 (min(|m| / (ρ · B · h + 1e-15), 1)); with B inside the estimate the two agree, and one `update_hessian`
-serves both estimators. No coordinate moves by more than lr per step besides the decay. The fraction
-of coordinates that were not clipped (|m| < ρh + ε) is the "win rate" the paper asks to keep in
-0.1-0.5; `metrics()` reports it.
+serves both estimators. clip(z, 1) = max(min(z, 1), −1) is two-sided, as in the paper: a Hutchinson
+estimate u ⊙ (Hu) is negative where the loss is locally concave, so h can be negative; there the
+denominator is ε and the coordinate takes a sign step of lr (the official code's one-sided
+min(|m| / (ρh + ε), 1) would divide by a negative number and move it by an unbounded amount, uphill).
+So no coordinate moves by more than lr per step besides the decay, whatever the sign of h. The
+fraction of coordinates that were not clipped (|m| < max(ρh, ε)) is the "win rate" the paper asks to
+keep in 0.1-0.5; `metrics()` reports it.
 """
 from __future__ import annotations
 
@@ -38,8 +42,8 @@ class Sophia(CurvatureOptimizer):
         weight_decay: float = 0.1,
         eps: float = 1e-15,
     ):
-        if not lr >= 0 or not rho > 0 or weight_decay < 0 or eps < 0:
-            raise ValueError(f"need lr ≥ 0, rho > 0, weight_decay ≥ 0, eps ≥ 0; got {lr}, {rho}, {weight_decay}, {eps}")
+        if not lr >= 0 or not rho > 0 or weight_decay < 0 or not eps > 0:
+            raise ValueError(f"need lr ≥ 0, rho > 0, weight_decay ≥ 0, eps > 0; got {lr}, {rho}, {weight_decay}, {eps}")
         check_betas(betas)
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
 
@@ -66,10 +70,10 @@ class Sophia(CurvatureOptimizer):
         state["step"] += 1
         exp_avg = state["exp_avg"]
         exp_avg.lerp_(p.grad.to(exp_avg.dtype), 1 - group["betas"][0])
-        ratio = exp_avg.abs().div_(state["hessian"] * group["rho"] + group["eps"]).clamp_(max=1)
-        state["unclipped"] = (ratio < 1).sum()
+        ratio = exp_avg / (state["hessian"] * group["rho"]).clamp_(min=group["eps"])
+        state["unclipped"] = (ratio.abs() < 1).sum()
         w = p.to(exp_avg.dtype)  # p itself for float32/float64 weights
-        w.mul_(1 - group["lr"] * group["weight_decay"]).add_(ratio.mul_(exp_avg.sign()), alpha=-group["lr"])
+        w.mul_(1 - group["lr"] * group["weight_decay"]).add_(ratio.clamp_(-1, 1), alpha=-group["lr"])
         write_weight_(p, w)  # stochastic rounding into bf16 weights
 
     def metrics(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -14,7 +14,9 @@ per layer inside backward, its communication overlapped); sophia (Sophia-G, a GN
 steps on one micro-batch per worker, sharing that micro-batch's forward); adahessian (a Hutchinson
 estimate every step by double backward, whose first backward is the step's gradient); adahessian_fd (the
 same estimate by a finite difference of gradients: two ordinary forward/backward passes per step); mfac
-(window m = 32, blocks of 16384); mfac_gns (the same with GNS damping). Measured per run:
+(window m = 32, blocks of 16384); mfac_gns (the same with GNS damping); muon (ours, owner-sharded at ZeRO 0,
+match_rms_adamw: AdamW's lr); deepspeed_muon (DeepSpeed's own Muon at ZeRO 1, the outside anchor: Muon
+lr 0.02 with the original scale, no clipping). Measured per run:
 - amortized ms/step: (elapsed at the last step − elapsed at step --skip) / (steps − skip), from rank 0's
   metrics.jsonl; the window is a multiple of Sophia's k, so its estimates are amortized exactly;
 - peak memory: rank 0's `peak_memory_gib` (CUDA: max allocated; CPU: peak RSS of the worker process,
@@ -30,6 +32,7 @@ worker ≈ 1/N; issue 10: 2 workers ≥ 1.6× the tokens/s of 1 for AdamW and Gr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -51,10 +54,13 @@ ROWS = {
     "mfac": ["optimizer.name=mfac", "engine.zero_stage=0", "optimizer.mfac.window=32"],
     "mfac_gns": ["optimizer.name=mfac", "engine.zero_stage=0", "optimizer.mfac.window=32", "optimizer.mfac.damping=gns",
                  "optimizer.lr=1.0", "optimizer.weight_decay=0", "engine.grad_clip=0"],
+    "muon": ["optimizer.name=muon", "engine.zero_stage=0"],
+    "deepspeed_muon": ["optimizer.name=deepspeed_muon", "engine.zero_stage=1", "optimizer.muon.adjust_lr_fn=original",
+                       "optimizer.muon.lr=0.02", "engine.grad_clip=0"],
 }
 LR = {  # plausible values; time does not depend on them
     "adamw": 3e-3, "adamw_owner": 3e-3, "gradnorm_lorp": 5e-3, "gradnorm_lorp_per_layer": 5e-3, "sophia": 3e-3,
-    "adahessian": 0.15, "adahessian_fd": 0.15, "mfac": 1e-3,
+    "adahessian": 0.15, "adahessian_fd": 0.15, "mfac": 1e-3, "muon": 3e-3, "deepspeed_muon": 3e-3,
 }
 
 
@@ -81,10 +87,15 @@ def whole_state_bytes(cfg) -> int:
 
     from curvtrain.distributed.engine import build_model_and_optimizer
     from curvtrain.distributed.ownership import state_costs
+    from curvtrain.optim import build_optimizer
 
     model, optimizer = build_model_and_optimizer(cfg, torch.device("meta"))
+    optimizer_cfg = cfg.optimizer
+    if optimizer is None:  # DeepSpeed's own (deepspeed_muon): the state of ours with the same split
+        optimizer_cfg = dataclasses.replace(cfg.optimizer, name="muon")
+        optimizer = build_optimizer(optimizer_cfg, model.named_parameters())
     names = {p: n for n, p in model.named_parameters()}
-    return 4 * sum(state_costs(optimizer, names, own_cost=cfg.optimizer.needs.state_cost).values())
+    return 4 * sum(state_costs(optimizer, names, own_cost=optimizer_cfg.needs.state_cost).values())
 
 
 def run_one(spec: dict) -> dict:

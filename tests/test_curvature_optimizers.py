@@ -139,15 +139,40 @@ def test_sophia_moves_no_coordinate_more_than_lr_and_reports_its_win_rate():
         before = w.detach().clone()
         opt.step()
         m = betas[0] * m + (1 - betas[0]) * g
-        ratio = (m.abs() / (rho * h + eps)).clamp(max=1)
-        x = x * (1 - lr * wd) - lr * m.sign() * ratio
+        x = x * (1 - lr * wd) - lr * (m / torch.clamp(rho * h, min=eps)).clamp(-1, 1)
         torch.testing.assert_close(w.detach(), x, rtol=1e-12, atol=1e-12)
         assert ((w.detach() - before * (1 - lr * wd)).abs() <= lr * (1 + 1e-12)).all()
         num, den = opt.metrics()["win_rate"]
-        assert num.item() / den.item() == (m.abs() < rho * h + eps).double().mean().item()
+        assert num.item() / den.item() == (m.abs() < torch.clamp(rho * h, min=eps)).double().mean().item()
         win_rates.append(num.item() / den.item())
     assert win_rates[0] > 0 and 0 < max(win_rates) < 1  # some coordinates clipped, some not
 
+
+
+def test_sophia_with_indefinite_estimates_moves_no_coordinate_more_than_lr():
+    """Hutchinson estimates u ⊙ (Hu) of random sign (a locally concave loss): h turns negative on many
+    coordinates, and still every step moves each coordinate by at most lr besides the decay — the
+    paper's two-sided clip(m / max(ρh, ε), 1), where a one-sided min(|m| / (ρh + ε), 1) divides by a
+    negative number. Where h ≤ 0 the step is lr · sign(m), downhill."""
+    lr, wd, rho = 0.01, 0.1, 0.04
+    shape = (30, 20)
+    w = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(9), dtype=F64))
+    opt = Sophia([w], lr=lr, rho=rho, weight_decay=wd)
+    grads, estimates = random_grads(shape, 15, seed=10), random_grads(shape, 15, seed=11)
+    negative_seen = 0
+    for t, (g, e) in enumerate(zip(grads, estimates)):
+        if t % 2 == 0:
+            opt.update_hessian({w: 1e-3 * e})  # both signs, small: one-sided clipping would move coordinates by ~lr/(ρ·1e-5)
+        w.grad = g.clone()
+        before = w.detach().clone()
+        opt.step()
+        h, m = opt.state[w]["hessian"], opt.state[w]["exp_avg"]
+        moved = w.detach() - before * (1 - lr * wd)
+        assert (moved.abs() <= lr * (1 + 1e-12)).all(), moved.abs().max()
+        concave = h <= 0
+        negative_seen += int(concave.sum())
+        torch.testing.assert_close(moved[concave], -lr * m.sign()[concave], rtol=0, atol=1e-15)
+    assert negative_seen > 0
 
 # ---- AdaHessian ----
 

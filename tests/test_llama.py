@@ -62,9 +62,22 @@ def test_named_config_parameter_counts(name):
     n = model.num_parameters()
     assert n == expected_num_params(cfg)
     assert model.num_parameters(exclude_embeddings=True) == n - cfg.vocab_size * cfg.hidden_size
-    plausible = {"20m": 19.55e6, "60m": 58.07e6, "130m": 134.1e6, "350m": 367.9e6, "1b": 1.339e9, "7b": 6.738e9}
+    plausible = {"nano": 8.43e6, "nano-4m": 4.264e6, "20m": 19.55e6, "60m": 58.07e6, "130m": 134.1e6, "350m": 367.9e6, "1b": 1.339e9, "7b": 6.738e9}
     if name in plausible:
         assert n == pytest.approx(plausible[name], rel=2e-3)
+
+
+@pytest.mark.parametrize("name", ["nano", "nano-4m"])
+def test_nano_recipes_are_mostly_transformer(name):
+    """A few million parameters, the embedding and the output head together ≤ 25% of them (at the nominal
+    4096-token vocabulary), unlike 20m's 84% at 32000 tokens."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LLAMA_CONFIGS[name])
+    cfg, n = model.config, model.num_parameters()
+    assert cfg.vocab_size == 4096 and 3e6 < n < 10e6
+    embeddings = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    assert embeddings == 2 * cfg.vocab_size * cfg.hidden_size
+    assert embeddings / n <= 0.25, embeddings / n
 
 
 def test_flops_per_token():

@@ -65,6 +65,8 @@ class Distributor(ABC):
             "bf16": {"enabled": cfg.engine.precision == "bf16"},
             # Our optimizers are plain torch.optim.Optimizer subclasses that DeepSpeed wraps as client optimizers.
             "zero_allow_untested_optimizer": True,
+            # DeepSpeed's own optimizer where the registry says so (deepspeed_muon); else ours is the client's.
+            **({"optimizer": section} if (section := cfg.optimizer.deepspeed_section) else {}),
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }

@@ -143,6 +143,8 @@ class LocalConfig:
             runnable = sorted(n for n, e in OPTIMIZERS.items() if runs_locally(e.needs(OptimizerConfig(name=n))))
             raise ValueError(f"optimizer.name={self.optimizer.name} needs {what}, which a federated client's local "
                              f"steps do not run: choose one of {', '.join(runnable)}")
+        if self.optimizer.deepspeed_section is not None:
+            raise ValueError(f"optimizer.name={self.optimizer.name} is built by a DeepSpeed engine, which clients do not run")
 
 
 @dataclass(kw_only=True)
