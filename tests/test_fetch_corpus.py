@@ -2,7 +2,7 @@
 archive: it is run by hand, README "A large corpus")."""
 import gzip
 
-from curvtrain.models.corpus import iter_documents
+from curvtrain.models.data.corpus import iter_pieces
 from scripts.fetch_corpus import SOURCES, dictionary, extract, html_to_text, read_text, tidy
 
 
@@ -36,5 +36,5 @@ def test_extract_writes_a_corpus_the_reader_reads(tmp_path):
     written = out / "linux-doc" / "doc__linux-doc-6.1__Documentation__PCI__pci.txt"
     assert files == 1 and read_text(written) == "How To Write Linux PCI Drivers\n==============================\n\nText.\n"
     assert chars == len(read_text(written)) and (out / "linux-doc" / "copyright.linux-doc-6.1").read_text() == "GPL-2"
-    assert list(iter_documents(str(out))) == [read_text(written)]  # copyright files are not documents
+    assert list(iter_pieces(str(out))) == [(read_text(written), True)]  # one document; copyright files are not documents
     assert set(SOURCES) >= {"linux-doc", "python3-doc", "dict-gcide"}
