@@ -26,27 +26,46 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curvtrain", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    pre = sub.add_parser("pretrain", help="pretrain a LLaMA model on Ray workers running DeepSpeed engines")
-    pre.add_argument("--config", help="YAML config (default: the built-in defaults, a 2-worker CPU run)")
-    pre.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
-    pre.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field by its dotted path, e.g. --set optimizer.lr=3e-3 (repeatable)")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    pre.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
-
-    fed = sub.add_parser("federate", help="simulate federated clients (FedAvg, FedProx, SCAFFOLD, FedSpeed) on a pool of Ray actors")
-    fed.add_argument("--config", required=True, help="YAML config, e.g. configs/fed-smoke.yaml")
-    fed.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
-    fed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field by its dotted path, e.g. --set algorithm.name=scaffold (repeatable)")
-    fed.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    fed.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
+    _add_run_parser(sub, "pretrain", "pretrain a LLaMA model on Ray workers running DeepSpeed engines",
+                    config_help="YAML config (default: the built-in defaults, a 2-worker CPU run)", example="optimizer.lr=3e-3")
+    _add_run_parser(sub, "federate", "simulate federated clients (FedAvg, FedProx, SCAFFOLD, FedSpeed) on a pool of Ray actors",
+                    config_help="YAML config, e.g. configs/fed-smoke.yaml", example="algorithm.name=scaffold", required=True)
 
     exp = sub.add_parser("export", help="write a Hugging Face LlamaForCausalLM folder from a run or checkpoint")
     exp.add_argument("source", help="run directory, its checkpoints/ folder, or one step_* checkpoint")
     exp.add_argument("out_dir", help="folder to create (safetensors + config.json + tokenizer files)")
     _add_sample_parser(sub)
     return p
+
+
+def _add_run_parser(sub, name: str, help: str, *, config_help: str, example: str, required: bool = False) -> None:
+    """The arguments of a run (pretrain, federate): config, overrides, run directory, resume, cluster."""
+    run = sub.add_parser(name, help=help)
+    run.add_argument("--config", required=required, help=config_help)
+    run.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help=f"override a config field by its dotted path, e.g. --set {example} (repeatable)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--address", help="an existing Ray cluster (default: start a local runtime)")
+
+
+def _run_config(cls: type, args):
+    """The run's typed config and its run directory (named after the config file and the time unless --out)."""
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    stem = Path(args.config).stem if args.config else "default"
+    return cfg, Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _print_done(headline: str, run_dir: Path, plots: str, ckpt: str) -> None:
+    print(
+        f"[curvtrain] done: {headline}\n"
+        f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
+        f"  plot:        {plots}\n"
+        f"  checkpoint:  {ckpt}\n"
+        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
+    )
 
 
 def _add_sample_parser(sub) -> None:
@@ -63,11 +82,7 @@ def _add_sample_parser(sub) -> None:
 def pretrain(args) -> int:
     from curvtrain.distributed.config import TrainConfig
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    if args.resume and not args.out:
-        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-    stem = Path(args.config).stem if args.config else "default"
-    run_dir = Path(args.out or f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg, run_dir = _run_config(TrainConfig, args)
 
     def run() -> dict:
         from curvtrain.distributed.coordinator import Coordinator
@@ -83,24 +98,15 @@ def pretrain(args) -> int:
     summary = run_locked(run, run_dir)
     if isinstance(summary, int):
         return summary
-    print(
-        f"[curvtrain] done: step {summary.get('step')}  loss {summary.get('loss', float('nan')):.4f}  "
-        f"val_loss {summary.get('val_loss', float('nan')):.4f}\n"
-        f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
-        f"  plot:        {summary['plot']}\n"
-        f"  checkpoint:  {summary['checkpoint']}\n"
-        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
-    )
+    _print_done(f"step {summary.get('step')}  loss {summary.get('loss', float('nan')):.4f}  "
+                f"val_loss {summary.get('val_loss', float('nan')):.4f}", run_dir, summary["plot"], summary["checkpoint"])
     return 0
 
 
 def federate(args) -> int:
     from curvtrain.distributed.federated.config import FederatedConfig
 
-    cfg = load_config(FederatedConfig, args.config, args.overrides)
-    if args.resume and not args.out:
-        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-    run_dir = Path(args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg, run_dir = _run_config(FederatedConfig, args)
 
     def run() -> dict:
         from curvtrain.distributed.federated.server import FederatedServer, object_store_bytes
@@ -118,13 +124,7 @@ def federate(args) -> int:
     if isinstance(summary, int):
         return summary
     metrics = "  ".join(f"{k} {summary[k]:.4f}" for k in ("test_loss", "test_accuracy") if k in summary)
-    print(
-        f"[curvtrain] done: round {summary.get('round')}  {metrics}\n"
-        f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
-        f"  plots:       {' '.join(summary['plots'])}\n"
-        f"  checkpoint:  {summary['checkpoint']}\n"
-        f"  tensorboard: tensorboard --logdir {run_dir / 'tensorboard'}"
-    )
+    _print_done(f"round {summary.get('round')}  {metrics}", run_dir, " ".join(summary["plots"]), summary["checkpoint"])
     return 0
 
 
