@@ -140,7 +140,8 @@ class LocalConfig:
         needs = self.optimizer.needs
         if not runs_locally(needs):
             what = "a curvature estimate every k steps" if needs.estimate is not None else "a closure that re-evaluates its batch"
-            runnable = sorted(n for n, e in OPTIMIZERS.items() if runs_locally(e.needs(OptimizerConfig(name=n))))
+            runnable = sorted(n for n, e in OPTIMIZERS.items()  # at their defaults; DeepSpeed-built ones never
+                              if e.deepspeed is None and runs_locally(e.needs(OptimizerConfig(name=n))))
             raise ValueError(f"optimizer.name={self.optimizer.name} needs {what}, which a federated client's local "
                              f"steps do not run: choose one of {', '.join(runnable)}")
         if self.optimizer.deepspeed_section is not None:
