@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvtrain.distributed.checkpointer import Checkpointer
 from curvtrain.distributed.config import TrainConfig, config_to_dict
-from curvtrain.distributed.distributor import StepClosure, build_distributor
+from curvtrain.distributed.distributor import StepClosure, build_distributor, sum_over_ranks
 from curvtrain.distributed.engine import build_engine, build_model_and_optimizer
 from curvtrain.distributed.health import Diverged, Health
 from curvtrain.distributed.metrics import MetricsLogger, peak_memory_bytes
@@ -178,11 +178,6 @@ class Trainer:
         dist.all_reduce(pairs)
         return dict(zip(metrics, (pairs[:, 0] / pairs[:, 1]).tolist()))
 
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value.item() / self.world_size
-
     # ---- the loop ----
     def fit(self) -> dict:
         run, max_steps = self.cfg.run, self.cfg.schedule.max_steps
@@ -199,7 +194,7 @@ class Trainer:
             record: dict = {"step": self.step}
             if self.step % run.log_interval == 0 or last:
                 record.update(
-                    loss=self.mean_over_ranks(loss),
+                    loss=sum_over_ranks(loss).item() / self.world_size,
                     lr=lr,
                     tokens=self.tokens,
                     tokens_per_s=(self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9),

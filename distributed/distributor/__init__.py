@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from curvtrain.distributed.distributor.base import OPTIMIZER_SHARD, Distributor, StepClosure
+from curvtrain.distributed.distributor.base import OPTIMIZER_SHARD, Distributor, StepClosure, sum_over_ranks
 from curvtrain.distributed.distributor.owner import OwnerDistributor
 from curvtrain.distributed.distributor.zero import ZeroDistributor
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from curvtrain.distributed.config import TrainConfig
 
 __all__ = ["OPTIMIZER_SHARD", "Distributor", "OwnerDistributor", "StepClosure", "ZeroDistributor", "build_distributor",
-           "distributor_for"]
+           "distributor_for", "sum_over_ranks"]
 
 
 def distributor_for(cfg: TrainConfig) -> type[Distributor]:

@@ -25,6 +25,13 @@ OPTIMIZER_SHARD = "optimizer_rank{}.pt"
 """A rank's own optimizer-state file in a checkpoint folder, where DeepSpeed does not write one."""
 
 
+def sum_over_ranks(value: Tensor) -> Tensor:
+    """`value` (detached, a copy) summed over all ranks: the one scalar reduction of the loop and the distributors."""
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value
+
+
 @dataclass
 class StepClosure:
     """What an update rule that re-evaluates its batch (registry `Needs.closure`) gets from the loop.

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvtrain.distributed.checkpoint import CheckpointError
-from curvtrain.distributed.distributor.base import OPTIMIZER_SHARD, Distributor, StepClosure
+from curvtrain.distributed.distributor.base import OPTIMIZER_SHARD, Distributor, StepClosure, sum_over_ranks
 from curvtrain.distributed.ownership import plan_for
 from curvtrain.optim.per_layer import on_accumulated_grad, step_one_param
 
@@ -227,8 +227,7 @@ class OwnerDistributor(Distributor):
         """‖g‖² over all ranks' owned gradients (each rank's partial sum, all-reduced: one scalar)."""
         local = sum((p.grad.double().square().sum() for p in self.owner if self.owns(p) and p.grad is not None),
                     torch.zeros((), dtype=torch.float64))
-        dist.all_reduce(local)
-        return local
+        return sum_over_ranks(local)
 
     def clip_grad_norm(self) -> None:
         """torch.nn.utils.clip_grad_norm_ over all ranks' owned gradients: scale by
@@ -333,10 +332,10 @@ class OwnerDistributor(Distributor):
             self.send_weights_from_owners()
             loss = closure.evaluate()
             self.reduce_grads_to_owners()
-            return _mean_over_ranks(loss), self.owned_grad_norm_sq()
+            return sum_over_ranks(loss) / self.world_size, self.owned_grad_norm_sq()
 
         self.reduce_grads_to_owners()
-        start = (_mean_over_ranks(closure.loss), self.owned_grad_norm_sq())
+        start = (sum_over_ranks(closure.loss) / self.world_size, self.owned_grad_norm_sq())
         saved = [group["params"] for group in self.rule.param_groups]
         for group in self.rule.param_groups:
             group["params"] = [p for p in group["params"] if self.owns(p)]
@@ -402,9 +401,3 @@ def _optimizer_detached(engine):
         yield
     finally:
         engine.optimizer = optimizer
-
-
-def _mean_over_ranks(value: Tensor) -> Tensor:
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
