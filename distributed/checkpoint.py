@@ -5,11 +5,14 @@ Layout under RUN_DIR/checkpoints/:
     step_00000100/               one checkpoint ("tag")
         <DeepSpeed files>        model, optimizer (ZeRO shards), lr scheduler
         trainer_rank{r}.pt       step, tokens seen, RNG states of rank r
-        optimizer_rank{r}.pt     rank r's shard of the optimizer state (owner distributor only)
+        optimizer_rank{r}.safetensors  the optimizer state of the parameters rank r owns, by name (owner
+                                 distributor only: loads under any plan, `distributor.param_state`)
         config.yaml              the run's resolved config (so `export` needs only this folder)
         manifest.json            every file's size and sha256, world size, ZeRO stage, distributor; written
                                  after all ranks saved
     LATEST                       the newest complete tag; replaced atomically after its manifest
+    universal/step_…             a ZeRO 1-3 checkpoint converted for a resume at another worker count
+                                 (`distributor.zero.to_universal`)
 
 Sealing: each rank hashes the files it wrote (`writer_rank`) right after writing them, all ranks in
 parallel (`hash_own_files`); rank 0 gathers the hashes and only merges them into the manifest
@@ -154,6 +157,11 @@ def write_manifest(ckpt_dir: Path, hashes: list[dict[str, dict]], *, step: int, 
     manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, **fields, "files": files}
     write_text_atomic(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
     write_text_atomic(ckpt_dir.parent / LATEST, ckpt_dir.name)
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    """The manifest of a checkpoint that `validate` has passed."""
+    return json.loads((Path(ckpt_dir) / MANIFEST).read_text())
 
 
 def validate(ckpt_dir: Path) -> dict:

@@ -48,8 +48,14 @@ class Checkpointer:
         dist.barrier()
 
     def load(self, ckpt: Path) -> dict:
-        """Load engine and optimizer state from checkpoint folder `ckpt`; returns this rank's trainer state."""
+        """Load engine and optimizer state from checkpoint folder `ckpt`, which may have been written by
+        another number of workers (the distributor reshards); returns this rank's trainer state — rank 0's
+        for a rank the writer did not have (step, tokens and the RNG are seeded and drawn alike on every
+        rank, except by bf16's stochastic rounding, whose draws then differ)."""
         ckpt = Path(ckpt)
+        trainer_state = ckpt / f"trainer_rank{self.rank}.pt"
+        if not trainer_state.is_file():
+            trainer_state = ckpt / "trainer_rank0.pt"
         with checkpoint.weights_only_loading():  # DeepSpeed's loader too: nothing in a checkpoint is unpickled
             self.distributor.load(self.engine, ckpt)
-            return torch.load(ckpt / f"trainer_rank{self.rank}.pt", weights_only=True)
+            return torch.load(trainer_state, weights_only=True)

@@ -101,7 +101,9 @@ class Coordinator:
     def check_checkpoint(self, ckpt: Path) -> None:
         manifest = checkpoint.validate(ckpt)
         checkpoint.check_settings(ckpt, config_to_dict(self.cfg))  # the same model and optimizer settings
-        distributor_for(self.cfg).check_checkpoint(manifest, ckpt, self.cfg)
+        distributor = distributor_for(self.cfg)
+        distributor.check_checkpoint(manifest, ckpt, self.cfg)
+        distributor.prepare_resume(manifest, ckpt, self.cfg)
 
     def run(self) -> dict:
         resume_from = self.resume_from if self.checked else self.check()

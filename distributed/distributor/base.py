@@ -21,8 +21,9 @@ from curvtrain.distributed.checkpoint import CheckpointError
 if TYPE_CHECKING:
     from curvtrain.distributed.config import TrainConfig
 
-OPTIMIZER_SHARD = "optimizer_rank{}.pt"
-"""A rank's own optimizer-state file in a checkpoint folder, where DeepSpeed does not write one."""
+OPTIMIZER_SHARD = "optimizer_rank{}.safetensors"
+"""A rank's own optimizer-state file in a checkpoint folder, where DeepSpeed does not write one: the state of
+the parameters it owns, by name (`param_state`)."""
 
 
 def sum_over_ranks(value: Tensor) -> Tensor:
@@ -99,6 +100,11 @@ class Distributor(ABC):
                 f"checkpoint {ckpt} was written with ZeRO stage {manifest['zero_stage']}, this run uses "
                 f"engine.zero_stage={cfg.engine.zero_stage}"
             )
+
+    @classmethod
+    def prepare_resume(cls, manifest: dict, ckpt: Path, cfg: TrainConfig) -> None:
+        """Before the workers start on checkpoint `ckpt` (checked: `check_checkpoint`), make what they will
+        load from it at this run's worker count."""
 
     # ---- in a worker ----
     client_optimizer: torch.optim.Optimizer

@@ -25,8 +25,9 @@ asynchronously) while backward keeps running, and received weights are written a
 Gradients live only in bucket buffers of a few buckets, never the whole model's. `step()` drains the rest.
 
 Everything else (precision, gradient accumulation, the model's checkpoint files) stays with the DeepSpeed
-engine, at ZeRO stage 0. Each rank checkpoints its own shard of the rule's state (`OPTIMIZER_SHARD`);
-DeepSpeed is kept from writing a second copy of rank 0's.
+engine, at ZeRO stage 0. Each rank checkpoints the rule's state of the parameters it owns, by name
+(`OPTIMIZER_SHARD`, `param_state`), so a checkpoint resumes at any worker count; DeepSpeed is kept from
+writing a second copy of rank 0's.
 
 Curvature estimates (`reduce_estimates`) travel the same way as gradients, so only the owner ever holds
 a block's estimate and curvature state. An update rule that re-evaluates the batch (M-FAC with GNS
@@ -35,6 +36,7 @@ each trial point one evaluation whose gradients go to the owners in the same buc
 """
 from __future__ import annotations
 
+import fnmatch
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -46,6 +48,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from curvtrain.distributed.checkpoint import CheckpointError
+from curvtrain.distributed.distributor import param_state
 from curvtrain.distributed.distributor.base import OPTIMIZER_SHARD, Distributor, StepClosure, sum_over_ranks
 from curvtrain.distributed.ownership import plan_for
 from curvtrain.optim.per_layer import on_accumulated_grad, step_one_param
@@ -148,16 +151,15 @@ class OwnerDistributor(Distributor):
     @classmethod
     def check_checkpoint(cls, manifest: dict, ckpt: Path, cfg) -> None:
         super().check_checkpoint(manifest, ckpt, cfg)
-        if manifest["world_size"] != cfg.workers.num_workers:
+        if not fnmatch.filter(manifest["files"], OPTIMIZER_SHARD.format("*")):
             raise CheckpointError(
-                f"checkpoint {ckpt} was written by {manifest['world_size']} workers; resuming it needs "
-                f"workers.num_workers={manifest['world_size']} (its optimizer state is sharded per worker: "
-                f"owners of optimizer.name={cfg.optimizer.name}, and is not resharded)"
+                f"checkpoint {ckpt} holds no {OPTIMIZER_SHARD.format('<rank>')} files: it was written by an earlier "
+                f"curvtrain, whose per-worker optimizer shards this one does not read"
             )
 
     # ---- in a worker ----
     def __init__(self, cfg, model: torch.nn.Module, rule: torch.optim.Optimizer, owners: dict[str, int]):
-        names = {p: n for n, p in model.named_parameters()}
+        self.names = names = {p: n for n, p in model.named_parameters()}
         self.rule, self.owners, self.per_layer = rule, owners, cfg.optimizer.per_layer
         self.max_grad_norm, self.grad_accum = cfg.engine.grad_clip, cfg.grad_accum
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -347,34 +349,21 @@ class OwnerDistributor(Distributor):
         self.send_weights_from_owners()
 
     # ---- checkpoints ----
-    def state_dict(self) -> dict:
-        """This rank's shard: the rule's state of the parameters it owns, and the plan it was made under."""
-        return {"owners": self.owners, "rule": self.rule.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["owners"] != self.owners:
-            raise CheckpointError(
-                "the checkpoint's block ownership differs from this run's (different worker count or optimizer "
-                "targets): owner-distributed optimizer state cannot be resharded"
-            )
-        # torch's load_state_dict builds new group dicts; the LR scheduler holds the existing ones, so copy
-        # the loaded hyperparameters back into those.
-        groups = self.rule.param_groups
-        self.rule.load_state_dict(state["rule"])
-        for group, loaded in zip(groups, self.rule.param_groups):
-            group.update(loaded)
-        self.rule.param_groups = self.client_optimizer.param_groups = groups
-
     def save(self, engine, ckpt: Path) -> None:
+        """DeepSpeed's model files, and this rank's optimizer state by parameter name (`param_state`)."""
         with _optimizer_detached(engine):  # at ZeRO 0 DeepSpeed would write rank 0's shard into the model file
             engine.save_checkpoint(str(ckpt.parent), tag=ckpt.name, save_latest=False)
-        torch.save(self.state_dict(), ckpt / OPTIMIZER_SHARD.format(self.rank))
+        owned = [p for p in self.owner if self.owns(p)]
+        param_state.save(self.rule, self.names, owned, ckpt / OPTIMIZER_SHARD.format(self.rank), with_rule_state=self.rank == 0)
 
     def load(self, engine, ckpt: Path) -> None:
+        """The model files, and the state of the parameters this rank owns from every rank's file: the
+        checkpoint may have been written by another number of workers, under another plan."""
         path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt}")
-        self.load_state_dict(torch.load(ckpt / OPTIMIZER_SHARD.format(self.rank), weights_only=True))
+        files = sorted(ckpt.glob(OPTIMIZER_SHARD.format("*")))
+        param_state.load(self.rule, self.names, [p for p in self.owner if self.owns(p)], files)
 
 
 class _EngineOptimizer(torch.optim.Optimizer):
