@@ -15,7 +15,7 @@ WRITERS = {
     "zero_pp_rank_1_mp_rank_00_model_states.pt": 1,
     "trainer_rank0.pt": 0,
     "trainer_rank1.pt": 1,
-    "optimizer_rank1.pt": 1,
+    "optimizer_rank1.safetensors": 1,
     "config.yaml": 0,
 }
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import resume_from_step_10, CONFIG, tiny
+from curvtrain.distributed.distributor import OPTIMIZER_SHARD
 from curvtrain.distributed.export import consolidated_state_dict
 from curvtrain.distributed.metrics import read_metrics
 from curvtrain.launcher.config import ConfigError
@@ -107,8 +108,8 @@ def test_mfac_windows_live_on_their_owners_only(runs):
     """The M-FAC windows (4 × the model) are split between the two workers: each checkpoints about half."""
     one = runs(*ZERO0, *CASES["mfac"], *ONE) / "checkpoints" / "step_00000020"
     two = runs(*ZERO0, *CASES["mfac"], *TWO) / "checkpoints" / "step_00000020"
-    total = (one / "optimizer_rank0.pt").stat().st_size
-    sizes = [(two / f"optimizer_rank{rank}.pt").stat().st_size for rank in (0, 1)]
+    total = (one / OPTIMIZER_SHARD.format(0)).stat().st_size
+    sizes = [(two / OPTIMIZER_SHARD.format(rank)).stat().st_size for rank in (0, 1)]
     assert all(0.4 * total < size < 0.6 * total for size in sizes), (total, sizes)
 
 
