@@ -50,9 +50,15 @@ class TooFewWorkers(RunFailed):
 
 
 PEER_DEATH_S = 60.0
-"""How long a worker's exception waits for Ray to report a dead peer. When a node dies, its workers' peers
-fail at once in their next collective, while Ray reports those workers dead only once its health checks
-mark the node dead (15-30 s): such an exception is a lost worker, not an error to stop the run for."""
+"""How long a worker's communication error waits for Ray to report a dead peer. When a node dies, its
+workers' peers fail at once in their next collective, while Ray reports those workers dead only once its
+health checks mark the node dead (15-30 s): such an error is a lost worker, not one to stop the run for."""
+
+
+def lost_a_peer(cause: BaseException) -> bool:
+    """Whether a worker's exception is its process group losing a peer: a torch.distributed error, or
+    gloo's TCP transport (a plain RuntimeError, "…gloo/transport/tcp/pair.cc… Connection closed by peer")."""
+    return isinstance(cause, torch.distributed.DistError) or "gloo/transport" in str(cause)
 
 
 def elastic_size(cfg: TrainConfig, fit: int) -> TrainConfig:
@@ -112,7 +118,7 @@ class WorkerGroup:
             except Diverged as e:  # all ranks stopped at the same step; nothing non-finite was sealed
                 raise Diverged(str(e.cause)) from None
             except RayTaskError as e:  # an exception inside a worker; str(e) holds its frames
-                if (lost := self.lost_peer(pending)) is not None:
+                if lost_a_peer(e.cause) and (lost := self.lost_peer(pending)) is not None:
                     raise WorkerLost(f"{lost} (a peer's collective failed first)") from e
                 raise RunFailed(f"an exception in a worker; its traceback (most recent call last):\n{e}") from None
         return ray.get(refs[0])

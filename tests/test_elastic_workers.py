@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from conftest import tiny
 from curvtrain.distributed.config import WorkersConfig
-from curvtrain.distributed.coordinator import TooFewWorkers, elastic_size
+from curvtrain.distributed.coordinator import TooFewWorkers, elastic_size, lost_a_peer
 from curvtrain.distributed.placement import ClusterTooSmall, check_fits
 from curvtrain.distributed.shared_storage import MARKERS, SharedStorageError, check_shared_run_dir
 
@@ -94,3 +94,12 @@ def test_ranks_seeing_different_run_dirs_all_stop_naming_the_others(tmp_path):
     assert len(set(outcomes)) == 1, outcomes  # every rank stops, with the same error
     assert f"rank 0 (node node-0, {a}) does not see the markers of rank 1 on node node-1 writes to {b}." in outcomes[0]
     assert "rank 2" not in outcomes[0]
+
+
+def test_only_communication_errors_wait_for_a_dead_peer():
+    """A peer lost with its node shows first as a collective's error; any other exception stops the run at once."""
+    from torch.distributed import DistNetworkError
+
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:31126"
+    assert lost_a_peer(RuntimeError(gloo)) and lost_a_peer(DistNetworkError("store connection reset"))
+    assert not lost_a_peer(IsADirectoryError("step_00000008/config.yaml")) and not lost_a_peer(ValueError("bad shape"))
