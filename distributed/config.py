@@ -81,6 +81,10 @@ class WorkersConfig:
     """One GPU per worker and NCCL; otherwise CPU and gloo."""
     cpus_per_worker: int = 1
     """CPU cores reserved for (and torch threads used by) each worker."""
+    min_workers: int | None = None
+    """Elastic runs: when a lost node leaves the cluster unable to place num_workers, restart from the last
+    checkpoint with as many workers as it holds, down to this many (the global batch kept; see
+    distributed.coordinator). None (the default): num_workers, not elastic."""
     max_restarts: int = 2
     """How often a worker group that lost a worker is restarted from the last checkpoint."""
     placement: str = "PACK"
@@ -91,6 +95,10 @@ class WorkersConfig:
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be ≥ 1, got {self.num_workers}")
+        if self.min_workers is None:
+            self.min_workers = self.num_workers
+        if not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"min_workers must be from 1 to num_workers ({self.num_workers}), got {self.min_workers}")
         if self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker must be ≥ 1, got {self.cpus_per_worker}")
         if self.max_restarts < 0:

@@ -13,8 +13,13 @@ the bundles go:
 Ray keeps a placement group it can never place pending forever (and would keep the run waiting without a
 word). `check_fits` compares the bundles with each node's total resources first, so a request the cluster
 cannot hold fails at once, naming the numbers; one that fits but finds the cluster busy waits, saying so.
+An elastic run (workers.min_workers < num_workers) needs only min_workers to fit; `placeable` says how many
+of its workers the live nodes hold, and `reserve` gives up a reservation once they no longer hold it all (a
+node died: Ray takes some seconds to mark it dead, while the reservation waits).
 """
 from __future__ import annotations
+
+import time
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table
@@ -42,20 +47,27 @@ def bundles_fit(nodes: dict[str, dict[str, float]], bundle: dict[str, float], co
 
 
 def check_fits(nodes: dict[str, dict[str, float]], w: WorkersConfig) -> None:
-    """Raise ClusterTooSmall, with every node's CPUs and GPUs, if the workers can never all be placed."""
+    """Raise ClusterTooSmall, with every node's CPUs and GPUs, if not even workers.min_workers (= num_workers
+    unless elastic) of the workers can ever be placed."""
     bundle = worker_bundle(w)
     fit = bundles_fit(nodes, bundle, w.num_workers, w.placement)
-    if fit == w.num_workers:
+    if fit >= w.min_workers:
         return
+    field, need = ("num_workers", w.num_workers) if w.min_workers == w.num_workers else ("min_workers", w.min_workers)
     each = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
     offers = "; ".join(f"{name}: {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for name, r in nodes.items())
     total = {k: sum(r.get(k, 0.0) for r in nodes.values()) for k in ("CPU", "GPU")}
     raise ClusterTooSmall(
-        f"workers.num_workers={w.num_workers} workers of {each} each (workers.placement={w.placement}) need "
-        f"{w.num_workers * w.cpus_per_worker} CPUs and {w.num_workers if w.use_gpu else 0} GPUs; the Ray cluster's "
+        f"workers.{field}={need} workers of {each} each (workers.placement={w.placement}) need "
+        f"{need * w.cpus_per_worker} CPUs and {need if w.use_gpu else 0} GPUs; the Ray cluster's "
         f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} ({offers}; total {total['CPU']:g} CPUs, "
         f"{total['GPU']:g} GPUs) hold {fit} of them"
     )
+
+
+def placeable(w: WorkersConfig) -> int:
+    """How many of the num_workers workers the connected cluster's live nodes hold."""
+    return bundles_fit(cluster_nodes(), worker_bundle(w), w.num_workers, w.placement)
 
 
 def cluster_nodes() -> dict[str, dict[str, float]]:
@@ -63,12 +75,19 @@ def cluster_nodes() -> dict[str, dict[str, float]]:
     return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": n["Resources"] for n in ray.nodes() if n["Alive"]}
 
 
-def reserve(w: WorkersConfig) -> PlacementGroup:
-    """Reserve every worker's bundle at once; while the cluster is busy, wait and say so each minute."""
+def reserve(w: WorkersConfig) -> PlacementGroup | None:
+    """Reserve every worker's bundle at once; while the cluster is busy, wait and say so each minute. None
+    (nothing left reserved) once the live nodes no longer hold all num_workers: a node died meanwhile."""
     group = placement_group([worker_bundle(w)] * w.num_workers, strategy=w.placement)
-    while not ray.wait([group.ready()], timeout=60)[0]:
-        print(f"[curvtrain] waiting for the cluster to free {w.num_workers} × {worker_bundle(w)} "
-              f"(placement {w.placement}); other work holds them", flush=True)
+    said = time.monotonic()
+    while not ray.wait([group.ready()], timeout=2)[0]:  # each 2 s: are its nodes still alive?
+        if placeable(w) < w.num_workers:
+            ray.util.remove_placement_group(group)
+            return None
+        if time.monotonic() - said >= 60:
+            said = time.monotonic()
+            print(f"[curvtrain] waiting for the cluster to free {w.num_workers} × {worker_bundle(w)} "
+                  f"(placement {w.placement}); other work holds them", flush=True)
     return group
 
 

@@ -56,6 +56,10 @@ class TrainWorker:
         backend = "nccl" if self.use_gpu else "gloo"
         torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         deepspeed.init_distributed(dist_backend=backend)  # adopts the process group
+        from curvtrain.distributed.shared_storage import check_shared_run_dir
+
+        node = f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+        check_shared_run_dir(Path(run_dir), node)  # every rank sees the same RUN_DIR, or all stop here
 
         from curvtrain.distributed.trainer import Trainer
 

@@ -4,6 +4,7 @@ temp dir) that runs a tiny pretraining job submitted with `scripts/submit.sh` (`
 federated simulation submitted with `scripts/federate.sh`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -87,7 +88,8 @@ class TwoNodeCluster:
         self.start("head", "--head", f"--port={gcs}", f"--dashboard-port={self.dashboard}",
                    f"--ray-client-server-port={free_port()}", *node)
         self.wait_for_job_api()
-        self.start("node", f"--address={self.address}", *node)
+        self.node_args = (f"--address={self.address}", *node)
+        self.start("node", *self.node_args)
         self.nodes = self.wait_for_nodes(2)
 
     def start(self, name: str, *args: str) -> None:
@@ -126,6 +128,25 @@ class TwoNodeCluster:
                 return {node_id: Path(socket_name).relative_to(self.root).parts[0] for node_id, socket_name in nodes.items()}
             time.sleep(2)
         raise TimeoutError(f"{count} nodes did not join; see {self.root}/*.log")
+
+    def lose_node(self) -> list[psutil.Process]:
+        """SIGKILL the second node's raylet, as when the machine goes away; returns the node's processes
+        (those of its `ray start`), to be ended by `restore_node`."""
+        tree = psutil.Process(self.processes[1].pid).children(recursive=True)
+        next(p for p in tree if p.name() == "raylet").kill()
+        return tree
+
+    def restore_node(self, old: list[psutil.Process]) -> None:
+        """End what is left of the lost node's processes, start the second node again and wait until it joined."""
+        for p in old:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(old, timeout=30)
+        self.processes[1].kill()  # its `ray start --block`
+        self.processes[1].wait(timeout=30)
+        self.start("node", *self.node_args)
+        self.processes[1] = self.processes.pop()
+        self.nodes = self.wait_for_nodes(2)
 
     def submit(self, out: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([SUBMIT, f"127.0.0.1:{self.dashboard}", CONFIG, out, *overrides], cwd=ROOT,
@@ -214,6 +235,76 @@ def test_job_runs_ranks_on_both_nodes_and_seals_its_checkpoint(cluster, tmp_path
     logs = subprocess.run([BIN / "ray", "job", "logs", job_id, "--address", f"http://127.0.0.1:{cluster.dashboard}"],
                           env=cluster.env, capture_output=True, text=True, timeout=120)
     assert logs.returncode == 0 and "[curvtrain] done: step 4" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_losing_a_node_goes_on_with_the_heads_worker(cluster, tmp_path):
+    """workers.min_workers=1, a worker per node (STRICT_SPREAD): the second node's raylet is killed once a
+    checkpoint is sealed. The coordinator restarts from the last sealed checkpoint with the one worker the
+    head holds, accumulating 2 micro-batches where 2 workers took one each, and the job finishes with
+    every step logged once and the change recorded at the step it went on from. (ZeRO 0: its checkpoint
+    loads at any worker count.) The second node is started again afterwards."""
+    out, log = tmp_path / "run", tmp_path / "submit.log"
+    with open(log, "w") as f:
+        job = subprocess.Popen([SUBMIT, f"127.0.0.1:{cluster.dashboard}", CONFIG, out, "--set", "workers.placement=STRICT_SPREAD",
+                                "--set", "workers.min_workers=1", "--set", "engine.zero_stage=0", "--set", "schedule.max_steps=30",
+                                "--set", "run.checkpoint_interval=5", "--set", "run.eval_interval=30"],
+                               cwd=ROOT, env=cluster.env, stdout=f, stderr=subprocess.STDOUT)
+    lost, sealed = None, None
+    try:
+        while job.poll() is None and lost is None:
+            sealed = checkpoint.latest(out / "checkpoints")
+            if sealed is None:
+                time.sleep(0.05)
+            else:
+                lost = cluster.lose_node()
+        assert job.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        if lost is not None:
+            cluster.restore_node(lost)
+    assert lost is not None, "the run finished before a checkpoint was sealed"
+
+    records = read_metrics(out)
+    assert [r["step"] for r in records if "event" not in r] == list(range(1, 31))  # each step once
+    events = [r for r in records if "event" in r]
+    assert len(events) == 1, events
+    went_on_from = events[0]["step"]
+    assert events[0] == {"step": went_on_from, "event": "workers", "num_workers": 1, "was": 2, "grad_accum": 2, "target": 2}
+    assert checkpoint.step_of(sealed) <= went_on_from < 30 and went_on_from % 5 == 0
+    assert records.index(events[0]) == went_on_from  # right after the record of the step it went on from
+    workers = json.loads((out / "workers.json").read_text())
+    assert workers["attempt"] == 1 and [cluster.nodes.get(n["node_id"], "lost") for n in workers["nodes"]] == ["head"]
+    assert checkpoint.validate(out / "checkpoints" / "step_00000030")["world_size"] == 1
+    output = log.read_text()
+    assert re.search(r"\[curvtrain\] worker lost \(.*\); restarting from \S+step_0*" + str(went_on_from), output), output[-5000:]
+    assert "[curvtrain] workers: 2 → 1, the most the live cluster holds of workers.num_workers=2" in output, output[-5000:]
+    assert "[curvtrain] done: step 30" in output, output[-5000:]
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_run_dirs_stop_before_any_checkpoint(cluster, tmp_path):
+    """A relative RUN_DIR (submitted with `ray job submit` itself: scripts/submit.sh refuses one) is resolved
+    in each node's own copy of the job's working directory: two folders, as with a RUN_DIR that is not on
+    shared storage. The shared-storage check stops every rank at start-up, naming the rank whose marker
+    rank 0 does not see, its node and its folder; no checkpoint is written anywhere."""
+    job = tmp_path / "job"
+    job.mkdir()
+    shutil.copy(CONFIG, job / "config.yaml")
+    result = subprocess.run([BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{cluster.dashboard}", "--working-dir",
+                             job, "--", "curvtrain", "pretrain", "--config", "config.yaml", "--out", "run", "--address", "auto",
+                             "--set", "workers.placement=STRICT_SPREAD", "--set", "schedule.max_steps=4"],
+                            env=cluster.env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-5000:]
+    found = re.search(r"RUN_DIR is not one shared folder: rank 0 \(node \S+ \((\w{8})\), (\S+)\) does not see the "
+                      r"markers of rank 1 on node \S+ \((\w{8})\) writes to (\S+)\.", output)
+    assert found, output[-5000:]
+    by_prefix = {node_id[:8]: name for node_id, name in cluster.nodes.items()}
+    assert sorted([by_prefix[found[1]], by_prefix[found[3]]]) == ["head", "node"]
+    rank0_dir, rank1_dir = Path(found[2]), Path(found[4])
+    assert rank0_dir != rank1_dir and rank0_dir.name == rank1_dir.name == "run"
+    assert len(list(rank1_dir.glob(".ranks/*/rank1"))) == 1  # rank 1 wrote its marker, in its own folder
+    assert not list(rank0_dir.glob("checkpoints/*")) and not list(rank1_dir.glob("checkpoints/*"))
 
 
 @pytest.mark.slow
