@@ -12,6 +12,7 @@ from curvtrain.models.data import model_config
 from curvtrain.models.llama import LlamaForCausalLM, build_llama
 from curvtrain.optim import build_optimizer
 from curvtrain.optim.adamw import decay_groups
+from curvtrain.optim.int8 import quantize_weights_
 
 
 def param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -44,6 +45,8 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[L
     place = zero3_partitioner(cfg) if device.type != "meta" else None
     model = build_llama(model_config(cfg.model.name, cfg.data, cfg.model.vocab_size), dtype=param_dtype(cfg), device=device, place=place)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if cfg.model.weights == "int8" and device.type != "meta":
+        quantize_weights_(model, cfg.optimizer.needs.int8_targets)
     return model, build_optimizer(cfg.optimizer, model.named_parameters())
 
 
