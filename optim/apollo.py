@@ -44,8 +44,13 @@ _STREAMS = {"basis": 0, "rounding": 1}
 
 
 def seed_of(index: int, counter: int, stream: str) -> int:
-    """The seed of the `counter`-th draw of `stream` ("basis" renewals or "rounding" steps) of parameter `index`."""
-    return ((index << 40) + (counter << 1) + _STREAMS[stream]) % (1 << 63)
+    """The seed of the `counter`-th draw of `stream` ("basis" renewals or "rounding" steps) of parameter `index`:
+    the splitmix64 finalizer of the three, so that its low 32 bits (all that the CPU generator's Mersenne
+    twister takes) differ too."""
+    z = ((index << 33) ^ (counter << 1) ^ _STREAMS[stream]) + 0x9E3779B97F4A7C15
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (z ^ (z >> 31)) >> 1
 
 
 def check_apollo_options(*, rank, update_gap, scale, scale_type, **_) -> None:
