@@ -27,8 +27,13 @@ class ModelConfig:
     """Recompute each block's activations in backward (saves memory, costs ~30% more compute)."""
     compile: bool = False
     """torch.compile the model in place (state-dict names unchanged); pays a compile at start-up."""
+    weights: str = "dense"
+    """"dense" (every weight in engine.precision) or "int8": the matrices the optimizer updates whole
+    (its `Needs.int8_targets`) held as INT8 weights (optim.int8), trained with stochastic rounding."""
 
     def __post_init__(self):
+        if self.weights not in ("dense", "int8"):
+            raise ValueError(f"weights must be 'dense' or 'int8', got {self.weights!r}")
         if self.name not in LLAMA_CONFIGS:
             raise ValueError(f"name must be one of {sorted(LLAMA_CONFIGS)}, got {self.name!r}")
         if self.vocab_size < 0:
@@ -181,6 +186,9 @@ class TrainConfig:
                 "partitions before clipping, so engine.grad_clip would shrink the update itself: set engine.grad_clip=0"
             )
         self.check_needs()
+        if self.model.weights == "int8" and (self.optimizer.needs.int8_targets is None or self.model.compile):
+            raise ValueError(f"model.weights=int8 needs an optimizer that writes its matrices whole (apollo, apollo_mini, "
+                             f"gradnorm_lorp; got optimizer.name={self.optimizer.name}) and model.compile=false")
 
     def check_needs(self) -> None:
         """The combinations the optimizer's registry entry rules out (optim.registry.Needs)."""

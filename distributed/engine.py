@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -12,6 +13,7 @@ from curvtrain.models.data import model_config
 from curvtrain.models.llama import LlamaForCausalLM, build_llama
 from curvtrain.optim import build_optimizer
 from curvtrain.optim.adamw import decay_groups
+from curvtrain.optim.int8 import Int8Weight, quantize_weights_
 
 
 def param_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -44,6 +46,8 @@ def build_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple[L
     place = zero3_partitioner(cfg) if device.type != "meta" else None
     model = build_llama(model_config(cfg.model.name, cfg.data, cfg.model.vocab_size), dtype=param_dtype(cfg), device=device, place=place)
     model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if cfg.model.weights == "int8" and device.type != "meta":
+        quantize_weights_(model, cfg.optimizer.needs.int8_targets)
     return model, build_optimizer(cfg.optimizer, model.named_parameters())
 
 
@@ -57,9 +61,25 @@ def build_engine(model: torch.nn.Module, distributor: Distributor, scheduler, cf
     deepspeed.utils.logger.setLevel(logging.WARNING)
     optimizer = distributor.client_optimizer
     groups = decay_groups(model.parameters(), cfg.optimizer.weight_decay) if optimizer is None else None
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=groups, lr_scheduler=scheduler,
-        config=distributor_for(cfg).engine_config(cfg),
-    )
+    with _int8_weights_not_broadcast(model):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=groups, lr_scheduler=scheduler,
+            config=distributor_for(cfg).engine_config(cfg),
+        )
     distributor.attach(engine)
     return engine
+
+
+@contextmanager
+def _int8_weights_not_broadcast(model: torch.nn.Module):
+    """DeepSpeed broadcasts the bytes of every parameter from rank 0 at start unless it carries `ds_optim_param`;
+    an INT8 weight has no bytes of its own (codes and scales), and every rank built the same ones (same seed,
+    rounding to nearest), so it is marked while the engine starts."""
+    int8 = [p for p in model.parameters() if isinstance(p, Int8Weight)]
+    for p in int8:
+        p.ds_optim_param = True
+    try:
+        yield
+    finally:
+        for p in int8:
+            del p.ds_optim_param

@@ -1,4 +1,4 @@
-"""A checkpoint (any ZeRO stage, fp32 or bf16) → one full fp32 state dict → a Hugging Face folder."""
+"""A checkpoint (any ZeRO stage, fp32 or bf16, INT8 weights at ZeRO 0) → one full fp32 state dict → a Hugging Face folder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import torch
 from curvtrain.distributed import checkpoint
 from curvtrain.distributed.config import TrainConfig
 from curvtrain.distributed.health import nonfinite_counts
+from curvtrain.optim.int8 import dequantized_state_dict
 
 
 def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -17,7 +18,7 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     with checkpoint.weights_only_loading():  # nothing in a checkpoint is unpickled
         if manifest["zero_stage"] == 0 and not any(ckpt_dir.glob("*optim_states.pt")):
             module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-            return {k: v.float() for k, v in module.items()}
+            return {k: v.float() for k, v in dequantized_state_dict(module).items()}  # INT8 weights: codes · scales
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)

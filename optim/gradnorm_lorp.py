@@ -181,7 +181,7 @@ class GradNormLoRP(AdamW):
         betas, eps = group["betas"], group["eps"]
         g.add_(adam_direction(state["g_exp_avg"], state["g_exp_avg_sq"], grad_g, betas, eps, step), alpha=-lr)
 
-        v = p if p.dtype == g.dtype else p.to(g.dtype)
+        v = p.to(g.dtype, copy=hasattr(p, "write_"))  # p itself, or a copy (bf16 weights; INT8 ones, dequantized)
         v.mul_((s / g_old)[:, None]).add_(delta_v, alpha=-lr * group["scale"])
         s.copy_(_row_norms(v, s.dtype))
         v.mul_((g / s)[:, None])

@@ -11,10 +11,16 @@ GaLore's full SVD: Y = A Ω for a Gaussian sketch Ω, q power iterations Y ← A
 every product, basis = qr(Y). A warm start uses the previous basis B as the sketch, Ω = Aᵀ B
 (subspace iteration restarted where it stopped, as in PowerSGD's warm start; Vogels et al. 2019).
 
+APOLLO (Zhu et al., MLSys 2025) projects with a random basis instead, entries N(0, 1/r), regenerated from a
+seed (`random_basis`) so that state holds no basis at all; its scaling factors are norms along the
+dimension the projection keeps (`channel_norms`, `scale_channels`).
+
 Everything is a pure function of tensors, so optimizer state holds only the basis tensor.
 The right side is handled as the left side of the transposed matrix: `_orient` is the one place
 that looks at `side`.
 """
+
+import math
 
 import torch
 from torch import Tensor
@@ -92,3 +98,24 @@ def refresh_basis(
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return _orient(u, side).contiguous()
+
+
+def random_basis(shape: tuple[int, int] | torch.Size, rank: int, side: str, seed: int, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """A Gaussian basis of the shape `lowrank_shapes` gives, entries N(0, 1/rank), drawn from a generator seeded
+    with `seed` on `device`: the same seed gives the same basis (APOLLO's projection, regenerated, not stored)."""
+    basis_shape, _ = lowrank_shapes(shape, rank, side)
+    generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(basis_shape, generator=generator, device=device, dtype=dtype).div_(math.sqrt(rank))
+
+
+def channel_norms(low: Tensor, side: str) -> Tensor:
+    """Norms of a projected tensor along the projected dimension: one per column (left, low is r×n) or per
+    row (right, low is m×r), i.e. one per channel of the dimension the projection keeps."""
+    return torch.linalg.vector_norm(_orient(low, side), dim=0)
+
+
+def scale_channels(x: Tensor, factors: Tensor, side: str) -> Tensor:
+    """x (m×n) with each column (left) or row (right) multiplied by its entry of `factors`, in place."""
+    _orient(x, side).mul_(factors)
+    return x

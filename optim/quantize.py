@@ -28,6 +28,13 @@ path the bound is one step of the map, 2δ (measured: 1.005δ). The torch path (
 `bucketize` on the midpoints of the map) runs on any device without bitsandbytes, and for block sizes
 bitsandbytes does not take. Moments are updated `CHUNK` values at a time (`optim.adamw.moments_directions`), so
 neither path holds full-size temporaries of a large tensor.
+
+Weights (`quantize_int8`, the format of INT8 weights, `models.int8`) use the same blocks with the linear
+symmetric map instead (Q-GaLore's INT8 weights): scale_b = a_b / 127, codes[i] = round(x_i / scale_b(i)) in
+int8, deq = codes · scale_b. A block's absmax value is coded ±127 exactly, so a dequantized tensor quantized
+again gives back the same codes. Round to nearest errs by ≤ scale_b / 2; with `stochastic=True` the code is
+floor(x/scale_b + u), u ~ U[0, 1) (`rounding.stochastic_round_`): E[deq] = x, so updates far below one step
+of the grid accumulate in expectation instead of vanishing.
 """
 
 import functools
@@ -35,6 +42,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from .rounding import stochastic_round_
 
 BLOCK_SIZE = 256
 CHUNK = 1 << 20
@@ -114,15 +123,24 @@ def quantize_blockwise(x: Tensor, block_size: int = BLOCK_SIZE, *, signed: bool 
     return _quantize_torch(x, block_size, signed=signed)
 
 
+def _blocks(values: Tensor, block_size: int) -> Tensor:
+    """The flattened `values` cut into rows of `block_size` (the last one zero-padded)."""
+    flat = values.reshape(-1)
+    return torch.nn.functional.pad(flat, (0, -flat.numel() % block_size)).view(-1, block_size)
+
+
+def _unblocks(blocks: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """The inverse of `_blocks`: the first prod(shape) values, shaped `shape`."""
+    return blocks.view(-1)[:math.prod(shape)].view(shape)
+
+
 def _quantize_torch(x: Tensor, block_size: int, *, signed: bool) -> tuple[Tensor, Tensor]:
     """quantize_blockwise with the exact nearest code (bucketize on the map's midpoints)."""
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, -n % block_size)).view(-1, block_size)
+    blocks = _blocks(x.float(), block_size)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp_(-1.0 if signed else 0.0, 1.0)
-    codes = torch.bucketize(scaled.view(-1)[:n], _midpoints(signed, x.device)).to(torch.uint8)
-    return codes.view(x.shape), absmax
+    codes = torch.bucketize(_unblocks(scaled, x.shape), _midpoints(signed, x.device)).to(torch.uint8)
+    return codes, absmax
 
 
 def zeros_blockwise(shape: tuple[int, ...] | torch.Size, block_size: int = BLOCK_SIZE, *, signed: bool = True,
@@ -156,6 +174,30 @@ def dequantize_blockwise(
 def _dequantize_torch(codes: Tensor, absmax: Tensor, shape: tuple[int, ...] | torch.Size, block_size: int,
                       dtype: torch.dtype, *, signed: bool) -> Tensor:
     values = dynamic_map(signed, codes.device)[codes.reshape(-1).long()]
-    n = values.numel()
-    blocks = torch.nn.functional.pad(values, (0, -n % block_size)).view(-1, block_size)
-    return (blocks * absmax[:, None]).view(-1)[:n].view(shape).to(dtype)
+    return _unblocks(_blocks(values, block_size) * absmax[:, None], shape).to(dtype)
+
+
+INT8_MAX = 127
+
+
+def quantize_int8(x: Tensor, block_size: int = BLOCK_SIZE, *, stochastic: bool = False,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(codes int8 shaped like x, scale float32 per block = absmax / 127) of the linear map (module docstring);
+    `stochastic` rounds each value down or up with `generator`'s uniforms, unbiased."""
+    blocks = _blocks(x.float(), block_size)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    scale = absmax / INT8_MAX
+    scaled = blocks / scale.clamp(min=torch.finfo(torch.float32).tiny)
+    if stochastic:
+        stochastic_round_(scaled, generator)
+        edge = blocks.abs() == absmax  # where x/scale is ±127 up to float32 rounding: exactly ±127
+        scaled.masked_fill_(edge & (blocks > 0), INT8_MAX).masked_fill_(edge & (blocks < 0), -INT8_MAX)
+    else:
+        scaled.round_()
+    codes = _unblocks(scaled.clamp_(-INT8_MAX, INT8_MAX), x.shape).to(torch.int8)
+    return codes, scale.view(-1)
+
+
+def dequantize_int8(codes: Tensor, scale: Tensor, block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> Tensor:
+    """codes · scale of each value's block, as a `dtype` tensor shaped like `codes`."""
+    return _unblocks(_blocks(codes.float(), block_size) * scale[:, None], codes.shape).to(dtype)

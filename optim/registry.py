@@ -18,6 +18,7 @@ from torch import nn
 
 from curvtrain.optim.adahessian import AdaHessian
 from curvtrain.optim.adamw import AdamW, decay_groups
+from curvtrain.optim.apollo import APOLLO_DEFAULTS, APOLLO_MINI_DEFAULTS, Apollo, apollo_param_groups, check_apollo_options
 from curvtrain.optim.curvature import METHODS as HVP_METHODS
 from curvtrain.optim.gradnorm_lorp import (
     LLAMA_TARGETS, LOWRANK_DEFAULTS, GradNormLoRP, check_lowrank_options, is_lowrank, lowrank_param_groups,
@@ -182,6 +183,33 @@ class MuonConfig:
 
 
 @dataclass(kw_only=True)
+class ApolloConfig:
+    """APOLLO / APOLLO-Mini (optim.apollo) on the `targets` matrices, AdamW on the rest (optimizer.lr, betas, eps,
+    weight_decay for both). rank and scale left unset take the entry's recipe: apollo rank 256, scale 1,
+    channel-wise factors; apollo_mini rank 1, scale 128, one tensor-wise factor."""
+
+    rank: int | None = None
+    update_gap: int = APOLLO_DEFAULTS["update_gap"]
+    """Steps between renewals of the random projection (a new seed; the basis is never stored)."""
+    scale: float | None = None
+    """α: the update is multiplied by √α."""
+    targets: str = LLAMA_TARGETS
+    """Regular expression on parameter names selecting the projected 2-D weights."""
+    eight_bit: bool = False
+    """Hold the moments blockwise 8-bit (the projected ones and, from MIN_8BIT_NUMEL values, AdamW's)."""
+
+    def __post_init__(self):
+        check_apollo_options(**self.group_options(mini=False))
+        check_apollo_options(**self.group_options(mini=True))
+
+    def group_options(self, mini: bool) -> dict:
+        """The options of the projected param group: the recipe of apollo or apollo_mini, overridden where set."""
+        recipe = APOLLO_MINI_DEFAULTS if mini else APOLLO_DEFAULTS
+        set_ = {k: v for k, v in dict(rank=self.rank, scale=self.scale).items() if v is not None}
+        return {**recipe, **set_, "update_gap": self.update_gap}
+
+
+@dataclass(kw_only=True)
 class OptimizerConfig:
     name: str = "adamw"
     """Registry key: one of OPTIMIZERS."""
@@ -197,6 +225,7 @@ class OptimizerConfig:
     adahessian: AdaHessianConfig = field(default_factory=AdaHessianConfig)
     mfac: MFACConfig = field(default_factory=MFACConfig)
     muon: MuonConfig = field(default_factory=MuonConfig)
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
     per_layer: bool = False
     """Step each parameter inside backward and free its gradient at once (GaLore's per-layer updates):
     whole-model gradients never coexist. Excludes global-norm clipping."""
@@ -246,6 +275,14 @@ def build_gradnorm_lorp(cfg: OptimizerConfig, named_params: NamedParams) -> torc
         weight_decay=cfg.weight_decay,
     )
     return GradNormLoRP(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, eight_bit=lr.eight_bit)
+
+
+def build_apollo(cfg: OptimizerConfig, named_params: NamedParams, mini: bool) -> torch.optim.Optimizer:
+    """APOLLO(-Mini) on the `apollo.targets` matrices, AdamW on the rest (optim.apollo)."""
+    c = cfg.apollo
+    groups = apollo_param_groups(((n, p) for n, p in named_params if p.requires_grad), targets=c.targets,
+                                 weight_decay=cfg.weight_decay, **c.group_options(mini))
+    return Apollo(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, eight_bit=c.eight_bit)
 
 
 def build_galore_adamw(cfg: OptimizerConfig, named_params: NamedParams) -> torch.optim.Optimizer:
@@ -357,6 +394,9 @@ class Needs:
     state_cost: bool = False
     """Its `state_numel(p, group)` gives the elements of state it keeps for p (block ownership balances
     by it); otherwise ownership balances by parameter size."""
+    int8_targets: str | None = None
+    """The regex of the matrices its update writes whole through `rounding.write_weight_`, which may be INT8
+    weights (model.weights=int8 quantizes exactly these); None: it cannot train INT8 weights."""
 
 
 def _estimate(c: EstimateConfig, estimator: str) -> Estimate:
@@ -377,7 +417,11 @@ class Entry:
 OPTIMIZERS: dict[str, Entry] = {
     "adamw": Entry(build_adamw, lambda cfg: Needs(state_cost=True)),
     "sgd": Entry(build_sgd, lambda cfg: Needs()),
-    "gradnorm_lorp": Entry(build_gradnorm_lorp, lambda cfg: Needs(**OWNER_SHARDED, state_cost=True)),
+    "gradnorm_lorp": Entry(build_gradnorm_lorp, lambda cfg: Needs(**OWNER_SHARDED, state_cost=True, int8_targets=cfg.lowrank.targets)),
+    "apollo": Entry(lambda cfg, named_params: build_apollo(cfg, named_params, mini=False),
+                    lambda cfg: Needs(**OWNER_SHARDED, state_cost=True, int8_targets=cfg.apollo.targets)),
+    "apollo_mini": Entry(lambda cfg, named_params: build_apollo(cfg, named_params, mini=True),
+                         lambda cfg: Needs(**OWNER_SHARDED, state_cost=True, int8_targets=cfg.apollo.targets)),
     "galore_adamw": Entry(build_galore_adamw, lambda cfg: Needs(**OWNER_SHARDED)),
     "sophia": Entry(build_sophia, lambda cfg: Needs(
         **OWNER_SHARDED, per_layer=False, estimate=_estimate(cfg.sophia, cfg.sophia.estimator), metrics=True, state_cost=True)),

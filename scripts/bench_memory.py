@@ -21,6 +21,16 @@ The rows (`--optimizers`, each in its own process for a clean peak):
                      attention/MLP matrices, bitsandbytes Adam8bit on the rest
   gradnorm_lorp8bit  GradNormLoRP(eight_bit=True) on LLAMA_TARGETS, per-layer (optim.attach_per_layer_step)
   gradnorm_lorp      GradNormLoRP with float32 moments, ordinary step (reference)
+  apollo             APOLLO (optim.apollo: rank 256 or --rank, channel-wise factors) on LLAMA_TARGETS, AdamW
+                     with 8-bit moments on the rest, per-layer
+  apollo_mini        APOLLO-Mini (rank 1, one tensor-wise factor, scale 128), the same otherwise
+
+`--weights int8` stores the LLAMA_TARGETS matrices as INT8 weights (optim.int8: int8 codes + a float32
+scale per 256 values, dequantized only while a layer runs, updates written back with stochastic rounding)
+after the model is built in --precision; embeddings, head and norms stay in --precision. The issue-18 run:
+    python scripts/bench_memory.py --device cpu --model 7b --batch 1 --seq 256 --precision bf16 --checkpointing \
+        --steps 2 --warmup 1 --threads 1 --weights int8 --optimizers apollo_mini
+        # target: peak RSS <= 12 GiB (GPU row: the same with --device cuda)
 
 Measured per row: peak memory over the whole process (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS,
 imports included), optimizer-state bytes (every tensor in `optimizer.state`, summed over the per-parameter
@@ -54,8 +64,9 @@ from curvtrain.distributed.metrics import peak_memory_bytes  # noqa: E402
 from scripts.benchlib import (MemoryPhases, Spread, add_common_args, cuda_available, ratio, run_child,  # noqa: E402
                              run_interleaved, timed_ms)
 
-OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
-LOWRANK = ("galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp")
+OPTIMIZERS = ("adamw", "adamw8bit", "galore8bit", "gradnorm_lorp8bit", "gradnorm_lorp", "apollo", "apollo_mini")
+INT8_ROWS = ("gradnorm_lorp8bit", "gradnorm_lorp", "apollo", "apollo_mini")
+"""The rows whose update writes whole weights through `write_weight_`, which INT8 weights round themselves."""
 LR = 1e-4  # the values do not matter here; small enough that bf16 weights stay finite for a few steps
 NO_REFRESH = 10**9  # a refresh gap no run reaches: steady steps never refresh the basis
 
@@ -142,26 +153,72 @@ def setup_gradnorm_lorp(model, spec: dict, eight_bit: bool) -> Setup:
     return Setup([opt], per_layer=eight_bit, set_gap=set_gap)
 
 
+def apollo_groups(named_params, spec: dict, mini: bool) -> list[dict]:
+    """APOLLO(-Mini) param groups on LLAMA_TARGETS (the official recipe's options; --rank for APOLLO)."""
+    from curvtrain.optim.apollo import APOLLO_DEFAULTS, APOLLO_MINI_DEFAULTS, apollo_param_groups
+    from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS
+
+    options = dict(APOLLO_MINI_DEFAULTS) if mini else {**APOLLO_DEFAULTS, "rank": spec["rank"]}
+    return apollo_param_groups(named_params, targets=LLAMA_TARGETS, **{**options, "update_gap": spec["update_gap"]})
+
+
+def setup_apollo(model, spec: dict, mini: bool) -> Setup:
+    from curvtrain.optim import attach_per_layer_step
+    from curvtrain.optim.apollo import Apollo
+
+    opt = Apollo(apollo_groups(model.named_parameters(), spec, mini), lr=LR, eight_bit=True)
+    attach_per_layer_step(model, opt)
+
+    def set_gap(gap: int) -> None:  # the projection is drawn at every step; a renewal only changes its seed
+        for group in opt.param_groups:
+            if "rank" in group:
+                group["update_gap"] = gap
+
+    return Setup([opt], per_layer=True, set_gap=set_gap)
+
+
 SETUPS: dict[str, Callable[..., Setup]] = {
     "adamw": setup_adamw,
     "adamw8bit": setup_adamw8bit,
     "galore8bit": setup_galore8bit,
     "gradnorm_lorp8bit": lambda model, spec: setup_gradnorm_lorp(model, spec, eight_bit=True),
     "gradnorm_lorp": lambda model, spec: setup_gradnorm_lorp(model, spec, eight_bit=False),
+    "apollo": lambda model, spec: setup_apollo(model, spec, mini=False),
+    "apollo_mini": lambda model, spec: setup_apollo(model, spec, mini=True),
 }
 
 
 def build_model(spec: dict):
     """Our LLaMA materialized on the device in the target dtype (`models.llama.build_llama`): the weights the
-    trainer gets for the same seed, and fp32 7b weights (27 GB) never exist."""
+    trainer gets for the same seed, and fp32 7b weights (27 GB) never exist; with INT8 weights each projection
+    is quantized as soon as it is drawn."""
     import torch
 
     from curvtrain.models.llama import build_llama, llama_config
+    from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS
+    from curvtrain.optim.int8 import Int8Weight, quantize_weights_
 
+    cfg = llama_config(spec["model"])
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
-    model = build_llama(llama_config(spec["model"]), dtype=dtype, device=spec["device"])
+
+    def to_int8(module) -> None:  # as each projection is drawn: the model in `dtype` never exists whole
+        if isinstance(module, torch.nn.Linear) and module.out_features != cfg.vocab_size:
+            quantize_weights_(module, r"^weight$")
+
+    model = build_llama(cfg, dtype=dtype, device=spec["device"], place=to_int8 if spec["weights"] == "int8" else None)
+    if spec["weights"] == "int8":
+        int8 = sorted(n for n, p in model.named_parameters() if isinstance(p, Int8Weight))
+        assert int8 == sorted(n for n, _ in model.named_parameters() if re.search(LLAMA_TARGETS, n)), "not the targets"
     model.gradient_checkpointing = spec["checkpointing"]
     return model.train()
+
+
+def weight_bytes(model) -> int:
+    """Bytes the weights occupy: an INT8 weight's codes and scales, every other parameter's storage."""
+    from curvtrain.optim.int8 import Int8Weight
+
+    return sum(p.codes.nbytes + p.scale.nbytes if isinstance(p, Int8Weight) else p.numel() * p.element_size()
+               for p in model.parameters())
 
 
 def state_bytes(optimizers: list) -> int:
@@ -199,6 +256,7 @@ def state_census(spec: dict) -> dict[str, int]:
     import torch
 
     from curvtrain.models.llama import LlamaForCausalLM, llama_config
+    from curvtrain.optim.apollo import Apollo
     from curvtrain.optim.gradnorm_lorp import LLAMA_TARGETS, GradNormLoRP
 
     class OneParameter(torch.nn.Module):
@@ -224,6 +282,9 @@ def state_census(spec: dict) -> dict[str, int]:
             if name.startswith("gradnorm_lorp"):  # its group builder wants at least one target in the model
                 group = {"params": [p], "rank": spec["rank"]} if target else {"params": [p]}
                 optimizers = [GradNormLoRP([group], lr=LR, eight_bit=name == "gradnorm_lorp8bit")]
+            elif name.startswith("apollo"):
+                group = apollo_groups([(param_name, p)], spec, name == "apollo_mini")[0] if target else {"params": [p]}
+                optimizers = [Apollo([group], lr=LR, eight_bit=True)]
             else:
                 optimizers = SETUPS[name](OneParameter(param_name, p), spec).optimizers
             p.grad = torch.randn_like(p) * 1e-3
@@ -273,7 +334,7 @@ def measure(spec: dict) -> dict:
     result["tokens_per_s"] = tokens / (steady_ms / 1000)
     result["amortized_tokens_per_s"] = tokens / (result["amortized_ms"] / 1000)
     result["state_bytes"] = state_bytes(setup.optimizers)
-    result["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    result["weight_bytes"] = weight_bytes(model)
     result["phase_peak_bytes"], result["phase_end_bytes"] = memory.peak, memory.end
     result["peak_bytes"] = peak_memory_bytes(device)
     return result
@@ -385,6 +446,8 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--memory-cap-gib", type=float, default=None, help="CUDA: cap the process's memory; OOM if over")
     p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    p.add_argument("--weights", choices=("dense", "int8"), default="dense",
+                   help="int8: the attention/MLP matrices as INT8 weights (optim.int8); dense: all in --precision")
     p.add_argument("--heap", choices=("compact", "glibc"), default="compact",
                    help="CPU: compact = a fixed 1 MiB mmap threshold and 2 arenas (distributed.host_memory); "
                         "glibc = the C library's defaults")
@@ -399,13 +462,17 @@ def main() -> None:
         return
     if min(args.warmup, args.steps, args.refresh_steps, args.update_gap) < 1:
         p.error("--warmup, --steps, --refresh-steps and --update-gap must be >= 1 (warmup draws the first basis)")
+    if args.weights == "int8" and set(args.optimizers) - set(INT8_ROWS):
+        p.error(f"--weights int8 runs the rows that write through optim.rounding.write_weight_: {', '.join(INT8_ROWS)}")
     cuda = args.device == "cuda"
     model = args.model or ("7b" if cuda else "20m")
     base = dict(device=args.device, model=model, batch=args.batch, seq=args.seq, rank=args.rank or default_rank(model),
                 update_gap=args.update_gap, steps=args.steps, warmup=args.warmup, refresh_steps=args.refresh_steps,
                 precision=args.precision or ("bf16" if cuda else "fp32"), checkpointing=args.checkpointing,
-                memory_cap_gib=args.memory_cap_gib if cuda else None, threads=args.threads, heap=args.heap)
-    print(f"{model} {base['precision']} {args.batch}x{args.seq} rank {base['rank']} T {args.update_gap}"
+                memory_cap_gib=args.memory_cap_gib if cuda else None, threads=args.threads, heap=args.heap,
+                weights=args.weights)
+    print(f"{model} {base['precision']}{' INT8 matrices' if args.weights == 'int8' else ''} {args.batch}x{args.seq} "
+          f"rank {base['rank']} T {args.update_gap}"
           f"{' checkpointing' if args.checkpointing else ''}"
           f"{f' cap {args.memory_cap_gib} GiB' if base['memory_cap_gib'] else ''}"
           f"{'' if cuda else f'; host heap {args.heap}'}; peak = "

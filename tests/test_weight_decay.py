@@ -8,7 +8,7 @@ from curvtrain.optim.state import CurvatureOptimizer
 
 # With a zero gradient their step is the decay alone (decoupled, or L2 through plain SGD). AdaHessian needs
 # a curvature estimate before it steps and M-FAC preconditions its L2 term: the group rule covers them.
-PURE_DECAY_STEP = ("adamw", "sgd", "gradnorm_lorp", "galore_adamw", "sophia", "muon")
+PURE_DECAY_STEP = ("adamw", "sgd", "gradnorm_lorp", "galore_adamw", "sophia", "muon", "apollo", "apollo_mini")
 # DeepSpeed builds deepspeed_muon itself, on distributed.engine's `decay_groups`: ours are the others.
 OURS = sorted(n for n, entry in OPTIMIZERS.items() if entry.deepspeed is None)
 
@@ -19,7 +19,7 @@ def build(name: str):
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config("tiny"))
     cfg = OptimizerConfig(name=name, lr=0.1, weight_decay=0.5)
-    cfg.lowrank.rank = 8
+    cfg.lowrank.rank = cfg.apollo.rank = 8  # APOLLO's recipe, 256, is wider than the tiny model
     return model, build_optimizer(cfg, model.named_parameters())
 
 
